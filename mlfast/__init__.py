@@ -1,0 +1,1 @@
+"""mlfast: mutual learning for CTR models."""
