@@ -1,0 +1,995 @@
+#include "reader.hpp"
+
+#include "hash_rows.hpp"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <zlib.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <climits>
+#include <cstring>
+#include <mutex>
+#include <new>
+#include <stdexcept>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
+namespace mlfast {
+
+namespace {
+
+// Bytes kept readable past the end of every block: the delimiter scan loads 64 bytes at a time
+// and may run past the last line (the bits beyond it are masked off), and one more byte lets
+// the reader append the '\n' a file's last line may lack.
+constexpr size_t kPad = 128;
+
+// ----------------------------------------------------------------------------------------------
+// Byte scanning
+
+// Bit i of *delims / *newlines is set when p[i] is the delimiter / '\n' (i < 64).
+inline void scan64(const char* p, char delim, uint64_t* delims, uint64_t* newlines) {
+#if defined(__SSE2__)
+  const __m128i vd = _mm_set1_epi8(delim), vn = _mm_set1_epi8('\n');
+  uint64_t d = 0, n = 0;
+  for (int k = 0; k < 4; ++k) {
+    const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * k));
+    d |= static_cast<uint64_t>(static_cast<uint32_t>(_mm_movemask_epi8(_mm_cmpeq_epi8(x, vd)))) << (16 * k);
+    n |= static_cast<uint64_t>(static_cast<uint32_t>(_mm_movemask_epi8(_mm_cmpeq_epi8(x, vn)))) << (16 * k);
+  }
+  *delims = d;
+  *newlines = n;
+#else
+  uint64_t d = 0, n = 0;
+  for (int i = 0; i < 64; ++i) {
+    d |= static_cast<uint64_t>(p[i] == delim) << i;
+    n |= static_cast<uint64_t>(p[i] == '\n') << i;
+  }
+  *delims = d;
+  *newlines = n;
+#endif
+}
+
+int64_t count_newlines(const char* p, const char* e) {
+  int64_t total = 0;
+#if defined(__SSE2__)
+  const __m128i nl = _mm_set1_epi8('\n'), zero = _mm_setzero_si128();
+  while (e - p >= 64) {
+    // Byte counters (each compare adds 1 where it matched) flushed before they can wrap.
+    __m128i a0 = zero, a1 = zero, a2 = zero, a3 = zero;
+    for (int k = 0; k < 255 && e - p >= 64; ++k, p += 64) {
+      a0 = _mm_sub_epi8(a0, _mm_cmpeq_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), nl));
+      a1 = _mm_sub_epi8(a1, _mm_cmpeq_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16)), nl));
+      a2 = _mm_sub_epi8(a2, _mm_cmpeq_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 32)), nl));
+      a3 = _mm_sub_epi8(a3, _mm_cmpeq_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 48)), nl));
+    }
+    const __m128i s = _mm_add_epi64(_mm_add_epi64(_mm_sad_epu8(a0, zero), _mm_sad_epu8(a1, zero)),
+                                    _mm_add_epi64(_mm_sad_epu8(a2, zero), _mm_sad_epu8(a3, zero)));
+    total += _mm_cvtsi128_si64(s) + _mm_cvtsi128_si64(_mm_unpackhi_epi64(s, s));
+  }
+#endif
+  for (; p < e; ++p) total += *p == '\n';
+  return total;
+}
+
+const char* find_last_newline(const char* p, size_t n) {
+#if defined(__GLIBC__)
+  return static_cast<const char*>(memrchr(p, '\n', n));
+#else
+  for (size_t i = n; i-- > 0;)
+    if (p[i] == '\n') return p + i;
+  return nullptr;
+#endif
+}
+
+// Bytes read (and parsed) at a time: a few MiB per thread, so what read() just copied is still in
+// the cache when the parser gets to it (a 64 MiB block would not be: ~5% slower). A chunk handed
+// out is made of as many such blocks as fill ReaderSpec::block_bytes.
+size_t read_size(const ReaderSpec& spec) {
+  constexpr size_t kPerThread = size_t(2) << 20;
+  return std::clamp<size_t>(kPerThread * static_cast<size_t>(std::max(spec.num_threads, 1)), 1,
+                            std::max<size_t>(spec.block_bytes, 1));
+}
+
+}  // namespace
+
+// ----------------------------------------------------------------------------------------------
+// Input sources
+
+class Source {
+ public:
+  virtual ~Source() = default;
+  // Fills dst with up to n bytes; fewer only at the end of the input (0 = nothing left).
+  virtual size_t read(char* dst, size_t n) = 0;
+};
+
+namespace {
+
+class FileSource final : public Source {
+ public:
+  FileSource(int fd, std::string path) : fd_(fd), path_(std::move(path)) {}
+  ~FileSource() override { ::close(fd_); }
+  size_t read(char* dst, size_t n) override {
+    size_t got = 0;
+    while (got < n) {
+      const ssize_t r = ::read(fd_, dst + got, std::min(n - got, size_t(1) << 30));
+      if (r < 0) {
+        if (errno == EINTR) continue;
+        throw IoError(errno, path_, "read");
+      }
+      if (r == 0) break;
+      got += static_cast<size_t>(r);
+    }
+    return got;
+  }
+
+ private:
+  int fd_;
+  std::string path_;
+};
+
+class GzipSource final : public Source {
+ public:
+  GzipSource(int fd, std::string path) : path_(std::move(path)) {
+    gz_ = gzdopen(fd, "rb");
+    if (gz_ == nullptr) {
+      ::close(fd);
+      throw std::bad_alloc();
+    }
+    gzbuffer(gz_, 1 << 20);
+  }
+  ~GzipSource() override { gzclose(gz_); }
+  size_t read(char* dst, size_t n) override {
+    size_t got = 0;
+    while (got < n) {
+      const unsigned want = static_cast<unsigned>(std::min(n - got, size_t(1) << 30));
+      const int r = gzread(gz_, dst + got, want);
+      if (r < 0) raise();
+      got += static_cast<size_t>(r);
+      if (static_cast<unsigned>(r) < want) {
+        // A short read is the end of the data, or a stream that stops mid-member.
+        int code = Z_OK;
+        gzerror(gz_, &code);
+        if (code != Z_OK) raise();
+        break;
+      }
+    }
+    return got;
+  }
+
+ private:
+  [[noreturn]] void raise() {
+    int code = Z_OK;
+    const char* msg = gzerror(gz_, &code);
+    if (code == Z_ERRNO) throw IoError(errno, path_, "read");
+    if (code == Z_BUF_ERROR)
+      throw FormatError(path_ + ": truncated gzip data (the compressed stream ends mid-member)");
+    throw FormatError(path_ + ": corrupt gzip data: " + (msg ? msg : "unknown zlib error"));
+  }
+  gzFile gz_ = nullptr;
+  std::string path_;
+};
+
+std::unique_ptr<Source> open_source(const std::string& path, bool* gzip, uint64_t* size) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw IoError(errno, path, "open");
+  struct stat st;
+  if (::fstat(fd, &st) != 0) {
+    const int err = errno;
+    ::close(fd);
+    throw IoError(err, path, "stat");
+  }
+  if (S_ISDIR(st.st_mode)) {
+    ::close(fd);
+    throw IoError(EISDIR, path, "open");
+  }
+  *size = S_ISREG(st.st_mode) ? static_cast<uint64_t>(st.st_size) : 0;
+  // Decide by content, not by name: a .gz that is not gzip, or gzip without the suffix, both work.
+  unsigned char magic[2] = {0, 0};
+  if (::pread(fd, magic, 2, 0) == 2 && magic[0] == 0x1f && magic[1] == 0x8b) {
+    *gzip = true;
+    *size = 0;
+    return std::make_unique<GzipSource>(fd, path);
+  }
+#if defined(POSIX_FADV_SEQUENTIAL)
+  ::posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
+#endif
+  *gzip = false;
+  return std::make_unique<FileSource>(fd, path);
+}
+
+}  // namespace
+
+// ----------------------------------------------------------------------------------------------
+// RowBuffer and the pool of released mappings
+
+namespace {
+
+constexpr size_t kPageBytes = 4096;
+constexpr size_t kMapMin = size_t(4) << 20;  // smaller buffers come from malloc
+
+size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
+
+#if defined(__linux__)
+struct Pool {
+  std::mutex mu;
+  std::vector<RowMemory> free;
+  size_t bytes = 0;
+  size_t cap = 0;
+};
+
+Pool& pool() {
+  // Never destroyed: numpy may free arrays during interpreter shutdown, after static destructors.
+  static Pool* p = [] {
+    auto* q = new Pool;
+    const long pages = ::sysconf(_SC_PHYS_PAGES), page = ::sysconf(_SC_PAGESIZE);
+    const size_t phys = pages > 0 && page > 0 ? static_cast<size_t>(pages) * static_cast<size_t>(page) : 0;
+    q->cap = std::min<size_t>(size_t(1) << 30, phys / 16);
+    return q;
+  }();
+  return *p;
+}
+
+// A mapping of at least `bytes` (a page multiple): the pooled one closest in size, so its pages
+// are already faulted in (grown in place if a little small; a larger one is kept whole, its
+// spare pages are room to grow into), else a fresh one.
+RowMemory take_mapping(size_t bytes) {
+  Pool& p = pool();
+  RowMemory m;
+  {
+    std::lock_guard<std::mutex> lock(p.mu);
+    size_t best = p.free.size();
+    auto better = [&](size_t b, size_t than) {
+      if (than >= bytes) return b >= bytes && b < than;  // the smallest that fits
+      return b > than;                                    // else the largest that does not
+    };
+    for (size_t i = 0; i < p.free.size(); ++i) {
+      const size_t b = p.free[i].bytes;
+      if (b * 2 < bytes || b > 4 * bytes) continue;  // too far off: fresh pages cost less than waste
+      if (best == p.free.size() || better(b, p.free[best].bytes)) best = i;
+    }
+    if (best < p.free.size()) {
+      m = p.free[best];
+      p.free.erase(p.free.begin() + static_cast<std::ptrdiff_t>(best));
+      p.bytes -= m.bytes;
+    }
+  }
+  if (m.ptr != nullptr && m.bytes < bytes) {
+    void* q = ::mremap(m.ptr, m.bytes, bytes, MREMAP_MAYMOVE);
+    if (q == MAP_FAILED) {
+      ::munmap(m.ptr, m.bytes);
+      m = RowMemory{};
+    } else {
+      m.ptr = q;
+      m.bytes = bytes;
+    }
+  }
+  if (m.ptr == nullptr) {
+    void* q = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (q == MAP_FAILED) throw std::bad_alloc();
+    m = RowMemory{q, bytes, true};
+  }
+  return m;
+}
+#endif
+
+}  // namespace
+
+void free_rows(RowMemory m) noexcept {
+  if (m.ptr == nullptr) return;
+  if (!m.mapped) {
+    std::free(m.ptr);
+    return;
+  }
+#if defined(__linux__)
+  Pool& p = pool();
+  {
+    std::lock_guard<std::mutex> lock(p.mu);
+    if (p.bytes + m.bytes <= p.cap) {
+      try {
+        p.free.push_back(m);
+        p.bytes += m.bytes;
+        return;
+      } catch (...) {
+      }
+    }
+  }
+  ::munmap(m.ptr, m.bytes);
+#endif
+}
+
+size_t release_pool() noexcept {
+#if defined(__linux__)
+  Pool& p = pool();
+  std::vector<RowMemory> all;
+  {
+    std::lock_guard<std::mutex> lock(p.mu);
+    all.swap(p.free);
+    p.bytes = 0;
+  }
+  size_t n = 0;
+  for (const RowMemory& m : all) {
+    ::munmap(m.ptr, m.bytes);
+    n += m.bytes;
+  }
+  return n;
+#else
+  return 0;
+#endif
+}
+
+RowBuffer& RowBuffer::operator=(RowBuffer&& o) noexcept {
+  if (this != &o) {
+    free_rows(release());
+    row_bytes_ = o.row_bytes_;
+    const RowMemory m = o.release();
+    p_ = static_cast<char*>(m.ptr);
+    bytes_ = m.bytes;
+    mapped_ = m.mapped;
+    cap_ = row_bytes_ ? static_cast<int64_t>(bytes_ / row_bytes_) : 0;
+  }
+  return *this;
+}
+
+void RowBuffer::reserve_rows(int64_t rows) {
+  if (row_bytes_ == 0 || rows <= cap_) return;
+  const int64_t want = std::max<int64_t>(rows, cap_ + cap_ / 2);
+  size_t bytes = static_cast<size_t>(want) * row_bytes_;
+#if defined(__linux__)
+  if (bytes >= kMapMin) {
+    bytes = round_up(bytes, kPageBytes);
+    if (mapped_) {
+      void* q = ::mremap(p_, bytes_, bytes, MREMAP_MAYMOVE);
+      if (q == MAP_FAILED) throw std::bad_alloc();
+      p_ = static_cast<char*>(q);
+    } else {
+      const RowMemory m = take_mapping(bytes);
+      if (p_ != nullptr) std::memcpy(m.ptr, p_, bytes_);  // under kMapMin
+      std::free(p_);
+      p_ = static_cast<char*>(m.ptr);
+      mapped_ = true;
+      bytes = m.bytes;
+    }
+    bytes_ = bytes;
+    cap_ = static_cast<int64_t>(bytes / row_bytes_);
+    return;
+  }
+#endif
+  void* q = std::realloc(p_, bytes);
+  if (q == nullptr) throw std::bad_alloc();
+  p_ = static_cast<char*>(q);
+  bytes_ = bytes;
+  cap_ = want;
+}
+
+void RowBuffer::shrink_to(int64_t rows) {
+  if (row_bytes_ == 0 || rows >= cap_) return;
+  if (rows == 0) {
+    free_rows(release());
+    return;
+  }
+  size_t bytes = static_cast<size_t>(rows) * row_bytes_;
+#if defined(__linux__)
+  if (mapped_) {
+    bytes = round_up(bytes, kPageBytes);
+    if (bytes >= bytes_) return;
+    if (::mremap(p_, bytes_, bytes, 0) == MAP_FAILED) return;  // shrinking in place never moves
+    bytes_ = bytes;
+    cap_ = static_cast<int64_t>(bytes / row_bytes_);
+    return;
+  }
+#endif
+  if (void* q = std::realloc(p_, bytes)) {
+    p_ = static_cast<char*>(q);
+    bytes_ = bytes;
+    cap_ = rows;
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// BlockReader
+
+BlockReader::BlockReader(const std::string& path, size_t block_bytes, bool prefetch)
+    : path_(path), block_bytes_(std::max<size_t>(block_bytes, 1)), prefetch_(prefetch) {
+  src_ = open_source(path, &gzip_, &size_);
+}
+
+BlockReader::~BlockReader() {
+  if (thread_.joinable()) thread_.join();
+}
+
+char* BlockReader::reserve(int b, size_t bytes) {
+  bufs_[b].reserve_rows(static_cast<int64_t>(bytes + kPad));
+  return bufs_[b].row(0);
+}
+
+BlockReader::Block BlockReader::fill(int b) {
+  // The previous block's partial last line (the carry) opens this block.
+  size_t len = carry_len_;
+  size_t target = len + block_bytes_;
+  char* p = reserve(b, target);
+  if (carry_buf_ == b)
+    std::memmove(p, p + carry_off_, len);
+  else
+    std::memcpy(p, bufs_[carry_buf_].row(static_cast<int64_t>(carry_off_)), len);
+  carry_buf_ = b;
+  carry_off_ = carry_len_ = 0;
+  size_t scan_from = len;  // the carry holds no '\n'
+  for (;;) {
+    p = bufs_[b].row(0);
+    while (len < target && !eof_) {
+      const size_t r = src_->read(p + len, target - len);
+      if (r == 0) eof_ = true;
+      len += r;
+    }
+    if (eof_) {
+      if (len > 0 && p[len - 1] != '\n') p[len++] = '\n';  // the last line may lack its '\n'
+      return Block{p, len};
+    }
+    if (const char* nl = find_last_newline(p + scan_from, len - scan_from)) {
+      const size_t block_len = static_cast<size_t>(nl - p) + 1;
+      carry_off_ = block_len;
+      carry_len_ = len - block_len;
+      return Block{p, block_len};
+    }
+    // One line longer than a block: keep reading until it ends.
+    scan_from = len;
+    target = len + std::max(block_bytes_, len);
+    reserve(b, target);
+  }
+}
+
+BlockReader::Block BlockReader::next() {
+  Block blk;
+  if (pending_) {
+    thread_.join();
+    pending_ = false;
+    if (pending_error_) {
+      std::exception_ptr e = pending_error_;
+      pending_error_ = nullptr;
+      std::rethrow_exception(e);
+    }
+    cur_ ^= 1;
+    blk = pending_block_;
+  } else {
+    blk = fill(cur_);
+  }
+  if (prefetch_ && blk.len > 0 && !(eof_ && carry_len_ == 0)) {
+    // Read the next block into the other buffer while this one is parsed.
+    const int other = cur_ ^ 1;
+    thread_ = std::thread([this, other] {
+      try {
+        pending_block_ = fill(other);
+      } catch (...) {
+        pending_error_ = std::current_exception();
+      }
+    });
+    pending_ = true;
+  }
+  return blk;
+}
+
+// ----------------------------------------------------------------------------------------------
+// parallel_for
+
+void parallel_for(int n, const std::function<void(int)>& fn) {
+  if (n <= 1) {
+    if (n == 1) fn(0);
+    return;
+  }
+  std::vector<std::exception_ptr> errors(n);
+  std::vector<std::thread> threads;
+  threads.reserve(n - 1);
+  try {
+    for (int i = 1; i < n; ++i)
+      threads.emplace_back([&fn, &errors, i] {
+        try {
+          fn(i);
+        } catch (...) {
+          errors[i] = std::current_exception();
+        }
+      });
+  } catch (...) {
+    for (auto& t : threads) t.join();
+    throw;
+  }
+  try {
+    fn(0);
+  } catch (...) {
+    errors[0] = std::current_exception();
+  }
+  for (auto& t : threads) t.join();
+  for (auto& e : errors)
+    if (e) std::rethrow_exception(e);
+}
+
+// ----------------------------------------------------------------------------------------------
+// Reader
+
+Reader::Reader(const std::string& path, ReaderSpec spec)
+    : spec_(std::move(spec)),
+      keys_(spec_.keys),
+      ncols_(static_cast<int>(spec_.columns.size())),
+      num_sparse_(spec_.num_sparse()),
+      num_dense_(spec_.num_dense),
+      blocks_(path, read_size(spec_), spec_.num_threads > 1),
+      header_pending_(spec_.header) {
+  if (ncols_ == 0) throw std::invalid_argument("reader spec has no columns");
+  if (spec_.delimiter == '\n' || spec_.delimiter == '\r')
+    throw std::invalid_argument("the delimiter cannot be a line break");
+  if (spec_.buckets.size() != spec_.field_ids.size() || spec_.offsets.size() != spec_.field_ids.size() + 1)
+    throw std::invalid_argument("field_ids, buckets and offsets disagree on the number of sparse fields");
+  if (spec_.num_threads < 1) throw std::invalid_argument("num_threads must be >= 1");
+  // Every output slot must be written by exactly one column, or a row would hold stale bytes.
+  std::vector<int> dense_writers(num_dense_, 0), sparse_writers(num_sparse_, 0);
+  int labels = 0;
+  for (const ColumnSpec& c : spec_.columns) {
+    const bool dense = c.kind == Kind::kInt || c.kind == Kind::kFloat;
+    const bool sparse = c.kind == Kind::kHex || c.kind == Kind::kText || c.kind == Kind::kHour ||
+                        (c.kind == Kind::kInt && c.sparse >= 0);
+    const int width = c.kind == Kind::kHour ? 3 : 1;
+    if (c.kind == Kind::kLabel) ++labels;
+    if (dense) {
+      if (c.dense < 0 || c.dense >= num_dense_) throw std::invalid_argument("column " + c.name + ": bad dense index");
+      ++dense_writers[c.dense];
+    }
+    if (sparse) {
+      if (c.sparse < 0 || c.sparse + width > num_sparse_)
+        throw std::invalid_argument("column " + c.name + ": bad sparse index");
+      for (int k = 0; k < width; ++k) ++sparse_writers[c.sparse + k];
+    }
+  }
+  if (labels != (spec_.has_label ? 1 : 0)) throw std::invalid_argument("label column count disagrees with has_label");
+  for (int w : dense_writers)
+    if (w != 1) throw std::invalid_argument("each dense column needs exactly one writer");
+  for (int w : sparse_writers)
+    if (w != 1) throw std::invalid_argument("each sparse field needs exactly one writer");
+  for (int f = 0; f < num_sparse_; ++f) {
+    if (spec_.buckets[f] < 1) throw std::invalid_argument("buckets must be >= 1");
+    fields_.push_back(Field{field_salt(spec_.seed, spec_.field_ids[f]), Bucketer(spec_.buckets[f]),
+                            spec_.offsets[f] + 1, keys_ ? 0 : spec_.offsets[f]});
+  }
+  cols_.reserve(ncols_);
+  for (const ColumnSpec& c : spec_.columns) cols_.push_back(Col{c.kind, c.log, c.dense, c.sparse});
+  for (int c = 0; c < ncols_; ++c) {
+    if (!runs_.empty() && runs_.back().kind == cols_[c].kind)
+      runs_.back().end = c + 1;
+    else
+      runs_.push_back(Run{cols_[c].kind, c, c + 1});
+  }
+  tables_ = &int_tables();
+  // The vector hash reduces with a mask, so it needs power-of-two bucket counts (the defaults).
+  bool pow2 = true;
+  for (uint64_t b : spec_.buckets) pow2 = pow2 && (b & (b - 1)) == 0;
+  vector_hash_ = spec_.vector_hash && num_sparse_ > 0 && (keys_ || pow2) && avx512_hash_available();
+  const int padded = FieldTables::padded(num_sparse_);
+  tables4_.salt.assign(padded, 0);
+  tables4_.mask.assign(padded, 0);
+  tables4_.base.assign(padded, 0);
+  tables4_.missing.assign(padded, 0);
+  for (int f = 0; f < num_sparse_; ++f) {
+    tables4_.salt[f] = fields_[f].salt;
+    tables4_.mask[f] = spec_.buckets[f] - 1;
+    tables4_.base[f] = fields_[f].base;
+    tables4_.missing[f] = fields_[f].missing;
+  }
+}
+
+Chunk Reader::new_chunk() const {
+  Chunk c;
+  c.labels = RowBuffer(spec_.has_label ? sizeof(float) : 0);
+  c.dense = RowBuffer(sizeof(float) * num_dense_);
+  c.missing = RowBuffer(num_dense_);
+  c.sparse = RowBuffer(sizeof(int64_t) * num_sparse_);
+  c.first_line = next_line_;
+  return c;
+}
+
+bool Reader::next_chunk(Chunk* out) {
+  // Read blocks until the chunk covers block_bytes of input. Blocks that yield no rows (a header,
+  // bad lines being skipped) fold into the next chunk, so every chunk has rows, except a last
+  // one that only carries the skip counts of the tail.
+  Chunk c = new_chunk();
+  while (!done_ && (c.rows == 0 || c.input_bytes < spec_.block_bytes)) {
+    const BlockReader::Block b = blocks_.next();
+    if (b.len == 0) {
+      done_ = true;
+      break;
+    }
+    parse_block(b, &c, spec_.block_bytes);
+  }
+  if (c.rows == 0 && next_line_ == c.first_line) return false;
+  c.end_line = next_line_;
+  c.labels.shrink_to(c.rows);
+  c.dense.shrink_to(c.rows);
+  c.missing.shrink_to(c.rows);
+  c.sparse.shrink_to(c.rows);
+  *out = std::move(c);
+  return true;
+}
+
+void Reader::read_all(Chunk* out) {
+  Chunk c = new_chunk();
+  while (!done_) {
+    const BlockReader::Block b = blocks_.next();
+    if (b.len == 0) {
+      done_ = true;
+      break;
+    }
+    parse_block(b, &c, blocks_.size());
+  }
+  c.end_line = next_line_;
+  c.labels.shrink_to(c.rows);
+  c.dense.shrink_to(c.rows);
+  c.missing.shrink_to(c.rows);
+  c.sparse.shrink_to(c.rows);
+  *out = std::move(c);
+}
+
+void Reader::reserve(Chunk* c, int64_t rows) const {
+  c->labels.reserve_rows(rows);
+  c->dense.reserve_rows(rows);
+  c->missing.reserve_rows(rows);
+  c->sparse.reserve_rows(rows);
+}
+
+int64_t Reader::capacity(const Chunk& c) const {
+  return std::min({c.labels.capacity(), c.dense.capacity(), c.missing.capacity(), c.sparse.capacity()});
+}
+
+Reader::Out Reader::out_at(const Chunk& c, int64_t r) const {
+  return Out{reinterpret_cast<float*>(c.labels.row(r)), reinterpret_cast<float*>(c.dense.row(r)),
+             reinterpret_cast<uint8_t*>(c.missing.row(r)), reinterpret_cast<int64_t*>(c.sparse.row(r))};
+}
+
+void Reader::parse_block(const BlockReader::Block& b, Chunk* c, uint64_t expect_bytes) {
+  const char* s = b.data;
+  const char* const e = b.data + b.len;
+  c->input_bytes += b.len;
+  if (at_start_) {
+    at_start_ = false;
+    if (e - s >= 3 && static_cast<unsigned char>(s[0]) == 0xEF && static_cast<unsigned char>(s[1]) == 0xBB &&
+        static_cast<unsigned char>(s[2]) == 0xBF)
+      s += 3;  // UTF-8 byte-order mark
+  }
+  while (header_pending_ && s < e) {
+    const char* nl = static_cast<const char*>(std::memchr(s, '\n', e - s));  // blocks end with '\n'
+    size_t n = static_cast<size_t>(nl - s);
+    if (n > 0 && s[n - 1] == '\r') --n;
+    if (n == 0)
+      ++c->skipped[kBlankLine];
+    else
+      header_pending_ = false;
+    ++next_line_;
+    s = nl + 1;
+  }
+  if (s >= e) return;
+  const size_t bytes = static_cast<size_t>(e - s);
+  if (bytes_per_row_ == 0) {  // the first block: estimate from its first MiB
+    const size_t sample = std::min<size_t>(bytes, size_t(1) << 20);
+    bytes_per_row_ = static_cast<double>(sample) / static_cast<double>(std::max<int64_t>(count_newlines(s, s + sample), 1));
+  }
+  // Size the output once for all the bytes the chunk should cover (the whole file for read_all),
+  // so it is mapped or taken from the pool once rather than grown block by block.
+  if (expect_bytes > c->input_bytes)
+    reserve(c, c->rows + static_cast<int64_t>(static_cast<double>(expect_bytes - c->input_bytes + bytes) /
+                                              bytes_per_row_ * 1.03) + 16);
+  const int64_t row0 = c->rows;
+
+  // One range of whole lines per thread.
+  const size_t want = bytes / std::max<size_t>(spec_.min_range_bytes, 1);
+  const int threads = static_cast<int>(std::clamp<size_t>(want, 1, static_cast<size_t>(spec_.num_threads)));
+  std::vector<const char*> cut{s};
+  for (int i = 1; i < threads; ++i) {
+    const char* t = std::max(s + bytes / threads * i, cut.back());
+    const char* nl = static_cast<const char*>(std::memchr(t, '\n', e - t));
+    if (nl == nullptr || nl + 1 >= e) break;
+    cut.push_back(nl + 1);
+  }
+  cut.push_back(e);
+  const int ranges = static_cast<int>(cut.size()) - 1;
+
+  if (ranges == 1) {
+    // One thread needs no newline count: size the output from the bytes per row seen so far;
+    // if that falls short the parser stops at a line boundary and goes on once the output
+    // has grown.
+    const char* p = s;
+    int64_t line = next_line_;
+    for (;;) {
+      const double per_row = bytes_per_row_ / 1.05;
+      reserve(c, c->rows + static_cast<int64_t>(static_cast<double>(e - p) / per_row) + 16);
+      const Result r = parse_range(p, e, line, out_at(*c, c->rows), capacity(*c) - c->rows);
+      if (r.failed) {
+        done_ = true;
+        fail(r);
+      }
+      c->rows += r.rows;
+      line += r.lines;
+      for (int k = 0; k < kNumReasons; ++k) c->skipped[k] += r.skipped[k];
+      if (r.rows > 0) bytes_per_row_ = static_cast<double>((r.stop ? r.stop : e) - p) / static_cast<double>(r.rows);
+      if (r.stop == nullptr) break;
+      p = r.stop;
+    }
+    next_line_ = line;
+    return;
+  }
+
+  // Several ranges: a parallel newline count says where each range's rows start.
+  std::vector<int64_t> first(ranges + 1, 0);
+  std::vector<int64_t> lines(ranges);
+  parallel_for(ranges, [&](int i) { lines[i] = count_newlines(cut[i], cut[i + 1]); });
+  for (int i = 0; i < ranges; ++i) first[i + 1] = first[i] + lines[i];
+  reserve(c, row0 + first[ranges]);
+  std::vector<Result> results(ranges);
+  parallel_for(ranges, [&](int i) {
+    results[i] = parse_range(cut[i], cut[i + 1], next_line_ + first[i], out_at(*c, row0 + first[i]), lines[i]);
+  });
+  // The ranges run in file order, so the first failed range holds the file's first bad line.
+  for (const Result& r : results)
+    if (r.failed) {
+      done_ = true;
+      fail(r);
+    }
+
+  // Close the gaps skipped and blank lines left at the end of each range's slice.
+  int64_t dst = row0;
+  for (int i = 0; i < ranges; ++i) {
+    const int64_t src = row0 + first[i];
+    const int64_t n = results[i].rows;
+    if (dst != src && n > 0) {
+      for (RowBuffer* buf : {&c->labels, &c->dense, &c->missing, &c->sparse})
+        if (buf->row_bytes()) std::memmove(buf->row(dst), buf->row(src), static_cast<size_t>(n) * buf->row_bytes());
+    }
+    dst += n;
+    for (int k = 0; k < kNumReasons; ++k) c->skipped[k] += results[i].skipped[k];
+  }
+  c->rows = dst;
+  if (dst > row0) bytes_per_row_ = static_cast<double>(bytes) / static_cast<double>(dst - row0);
+  next_line_ += first[ranges];
+}
+
+void Reader::fail(const Result& r) const {
+  ParseFailure f;
+  f.line = r.fail_line;
+  f.reason = r.fail_reason;
+  f.text = r.fail_text;
+  f.found_fields = r.fail_found;
+  f.expected_fields = ncols_;
+  if (r.fail_column >= 0 && r.fail_column < ncols_) f.field = spec_.columns[r.fail_column].name;
+  throw f;
+}
+
+// Parses a line whose field count is right: column c spans (ends[c], ends[c + 1]), ends[0] being
+// the byte before the line and ends[c + 1] column c's delimiter or line end. Labels and
+// dense values go to the row; a sparse value is left in vals[f] (absent[f] = 1 when the field is
+// empty) for hash_row. Columns are visited as runs of one kind (Criteo: label, 13 integers,
+// 26 hex ids), so the kind is switched on once per run, not once per field. Returns the first
+// bad column (its reason in *why), or -1.
+inline int Reader::parse_line(const uintptr_t* ends, float* label, float* dense, uint8_t* missing, uint64_t* vals,
+                              uint8_t* absent, Reason* why) const {
+  auto u = [ends](int c) { return reinterpret_cast<const unsigned char*>(ends[c] + 1); };
+  auto len = [ends](int c) { return static_cast<size_t>(ends[c + 1] - ends[c] - 1); };
+  for (const Run& run : runs_) {
+    switch (run.kind) {
+      case Kind::kIgnore:
+        break;
+      case Kind::kLabel:
+        for (int c = run.begin; c < run.end; ++c)
+          if ((*why = parse_label(u(c), len(c), label)) != kOk) return c;
+        break;
+      case Kind::kInt:
+        for (int c = run.begin; c < run.end; ++c) {
+          const Col& col = cols_[c];
+          const size_t n = len(c);
+          int64_t x;  // 0 when empty: dense 0.0, and the mask says missing
+          if ((*why = parse_int64_padded(u(c), n, &x)) != kOk) return c;
+          float d;
+          int64_t bucket;
+          if (static_cast<uint64_t>(x) < static_cast<uint64_t>(IntTables::kSize)) {
+            d = tables_->dense[x];
+            bucket = tables_->bucket[x];
+          } else {
+            d = signed_log1p_f32(x);
+            bucket = fuxictr_bucket(x);
+          }
+          dense[col.dense] = d;
+          missing[col.dense] = n == 0;
+          if (col.sparse >= 0) {
+            vals[col.sparse] = static_cast<uint64_t>(bucket);
+            absent[col.sparse] = n == 0;
+          }
+        }
+        break;
+      case Kind::kHex:
+        for (int c = run.begin; c < run.end; ++c) {
+          const int f = cols_[c].sparse;
+          const size_t n = len(c);
+          absent[f] = n == 0;
+          if ((*why = parse_hex_padded(u(c), n, &vals[f])) != kOk) return c;
+        }
+        break;
+      case Kind::kText:
+        for (int c = run.begin; c < run.end; ++c) {
+          const int f = cols_[c].sparse;
+          const size_t n = len(c);
+          absent[f] = n == 0;
+          if ((*why = text_value(u(c), n, &vals[f])) != kOk) return c;
+        }
+        break;
+      case Kind::kFloat:
+        for (int c = run.begin; c < run.end; ++c) {
+          const Col& col = cols_[c];
+          const size_t n = len(c);
+          double v = 0.0;
+          if (n > 0) {
+            if ((*why = parse_float(u(c), n, &v)) != kOk) return c;
+            if (col.log) v = v >= 0 ? std::log1p(v) : -std::log1p(-v);
+          }
+          dense[col.dense] = static_cast<float>(v);
+          missing[col.dense] = n == 0;
+        }
+        break;
+      case Kind::kHour:
+        for (int c = run.begin; c < run.end; ++c) {
+          const int f = cols_[c].sparse;
+          int64_t hour, weekday, weekend;
+          if ((*why = parse_hour(u(c), len(c), &hour, &weekday, &weekend)) != kOk) return c;
+          vals[f] = static_cast<uint64_t>(hour);
+          vals[f + 1] = static_cast<uint64_t>(weekday);
+          vals[f + 2] = static_cast<uint64_t>(weekend);
+          absent[f] = absent[f + 1] = absent[f + 2] = 0;
+        }
+        break;
+    }
+  }
+  *why = kOk;
+  return -1;
+}
+
+// Hashes a parsed line's sparse values into its output row: one loop with no branch inside
+// (missing fields are blended in with a mask), so the multiply chains of all fields overlap.
+inline void Reader::hash_row(const uint64_t* vals, const uint8_t* absent, int64_t* sparse) const {
+  if (vector_hash_) {
+    hash_row_avx512(tables4_, num_sparse_, keys_, vals, absent, sparse);
+    return;
+  }
+  const Field* fd = fields_.data();
+  if (keys_) {
+    for (int f = 0; f < num_sparse_; ++f) {
+      const uint64_t key = hash_key(vals[f], fd[f].salt);
+      const uint64_t keep = static_cast<uint64_t>(absent[f]) - 1;  // all ones unless missing
+      sparse[f] = static_cast<int64_t>((key | (key == 0)) & keep);
+    }
+  } else {
+    for (int f = 0; f < num_sparse_; ++f) {
+      const int64_t id = fd[f].base + static_cast<int64_t>(fd[f].bucketer.mod(hash_key(vals[f], fd[f].salt)));
+      const int64_t keep = static_cast<int64_t>(absent[f]) - 1;
+      sparse[f] = (id & keep) | (fd[f].missing & ~keep);
+    }
+  }
+}
+
+Reader::Result Reader::parse_range(const char* begin, const char* end, int64_t first_line, Out out,
+                                   int64_t max_rows) const {
+  Result res;
+  const int last = ncols_ - 1;
+  const char delim = spec_.delimiter;
+  const bool skip = spec_.skip_bad;
+  const int F = num_sparse_, D = num_dense_;
+  float* label = out.labels;
+  float* dense = out.dense;
+  uint8_t* missing = out.missing;
+  int64_t* sparse = out.sparse;
+  // ends[0]: the byte before the line; ends[c + 1]: where column c ends (its delimiter or the
+  // line end). Addresses as integers: ends[0] may point just before the buffer.
+  std::vector<uintptr_t> end_buf(ncols_ + 1);
+  std::vector<uint64_t> vals(FieldTables::padded(num_sparse_ + 1), 0);  // padded for hash_row_avx512
+  std::vector<uint8_t> absent(FieldTables::padded(num_sparse_ + 1), 0);
+  uintptr_t* const ends = end_buf.data();
+  uintptr_t* const last_delim = ends + last;  // the slot of the last expected delimiter
+  uintptr_t* next = ends + 1;                 // the slot of the next delimiter
+  ends[0] = reinterpret_cast<uintptr_t>(begin) - 1;
+  int64_t line = first_line;
+  int64_t rows = 0;
+  constexpr size_t kMaxText = 200;
+
+  // Walk the input 64 bytes at a time with one bit mask of delimiters and one of newlines. For
+  // each line, the delimiters below its newline bit are taken in a tight loop that only records
+  // where fields end; the line is parsed once its field count is known to be right.
+  const char* base = begin;
+  uint64_t dm = 0, nm = 0;
+  auto load = [&] {
+    scan64(base, delim, &dm, &nm);
+    const size_t rem = static_cast<size_t>(end - base);
+    if (rem < 64) {
+      const uint64_t keep = (uint64_t(1) << rem) - 1;
+      dm &= keep;
+      nm &= keep;
+    }
+  };
+  if (base < end) load();
+  while (base < end) {
+    const uint64_t nl_bit = nm & (0 - nm);  // this window's first newline, or 0
+    uint64_t d = nl_bit ? dm & (nl_bit - 1) : dm;
+    for (; d != 0; d &= d - 1) {
+      if (next <= last_delim) *next = reinterpret_cast<uintptr_t>(base + __builtin_ctzll(d));
+      ++next;
+    }
+    if (nl_bit == 0) {  // the line goes on in the next window
+      base += 64;
+      if (base < end) load();
+      continue;
+    }
+    dm &= ~(nl_bit | (nl_bit - 1));
+    nm &= nm - 1;
+    const char* q = base + __builtin_ctzll(nl_bit);
+    {
+      const int col = static_cast<int>(next - ends) - 1;  // delimiters seen on this line
+      const char* line_start = reinterpret_cast<const char*>(ends[0] + 1);
+      const char* fe = q;
+      // A CR before the newline ("\r\n" endings) is never part of the last field (the
+      // delimiter cannot be a CR, so the byte belongs to the last field, or is the whole line).
+      if (fe > line_start && fe[-1] == '\r') --fe;
+      Reason why = kOk;
+      int bad_col = -1;
+      if (col != last) {
+        if (col == 0 && fe == line_start) {
+          ++res.skipped[kBlankLine];
+          why = kBlankLine;
+        } else {
+          why = kFieldCount;
+        }
+      } else {
+        if (rows == max_rows) {  // no room for this line: stop before it
+          res.rows = rows;
+          res.lines = line - first_line;
+          res.stop = line_start;
+          return res;
+        }
+        ends[ncols_] = reinterpret_cast<uintptr_t>(fe);
+        bad_col = parse_line(ends, label, dense, missing, vals.data(), absent.data(), &why);
+      }
+      if (why == kOk) {
+        hash_row(vals.data(), absent.data(), sparse);
+        ++rows;
+        if (label) ++label;
+        dense += D;
+        missing += D;
+        sparse += F;
+      } else if (why != kBlankLine) {
+        if (skip) {
+          ++res.skipped[why];  // the row's slot is reused by the next line
+        } else {
+          res.failed = true;
+          res.fail_line = line;
+          res.fail_reason = why;
+          res.fail_found = col + 1;
+          if (why == kFieldCount) {
+            res.fail_column = col < last ? col + 1 : last;  // first missing column / where extras begin
+            res.fail_text.assign(line_start, std::min<size_t>(static_cast<size_t>(fe - line_start), kMaxText));
+          } else {
+            res.fail_column = bad_col;
+            res.fail_text.assign(reinterpret_cast<const char*>(ends[bad_col] + 1),
+                                 std::min<size_t>(static_cast<size_t>(ends[bad_col + 1] - ends[bad_col] - 1), kMaxText));
+          }
+          res.rows = rows;
+          res.lines = line - first_line + 1;
+          return res;
+        }
+      }
+      ++line;
+      next = ends + 1;
+      ends[0] = reinterpret_cast<uintptr_t>(q);
+    }
+  }
+  res.rows = rows;
+  res.lines = line - first_line;
+  return res;
+}
+
+}  // namespace mlfast

@@ -1,0 +1,276 @@
+// The schema-driven delimited-log parser behind mlfast.reader.
+//
+// A line is split on one delimiter byte into columns; each column has a Kind that says what its
+// bytes must look like and which outputs (label, dense column, sparse field) it writes. Criteo,
+// Avazu and generic CSV/TSV logs are ReaderSpecs built in mlfast/reader.py.
+//
+// Input is read in blocks of whole lines, a few MiB per thread (the partial last line carries
+// over to the next block), so a file of any size streams through bounded memory and each block
+// is still in the cache when it is parsed; a chunk handed to Python gathers blocks up to
+// block_bytes. Within a block the lines are cut into one contiguous range per thread; each thread
+// parses its range straight into its slice of the output arrays (the row offsets come from a
+// parallel newline count).
+#pragma once
+
+#include <array>
+#include <climits>
+#include <cstdint>
+#include <cstdlib>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "fields.hpp"
+#include "hash.hpp"
+#include "hash_rows.hpp"
+
+namespace mlfast {
+
+enum class Kind : uint8_t {
+  kIgnore = 0,  // bytes not looked at
+  kLabel = 1,   // "0" / "1" -> labels
+  kInt = 2,     // Criteo integer -> dense signed_log1p (+ FuxiCTR bucket as a sparse field)
+  kHex = 3,     // 1-8 hex digits -> sparse, value int(hex, 16)
+  kText = 4,    // UTF-8 text -> sparse, value fnv1a64(bytes)
+  kFloat = 5,   // decimal -> dense (signed_log1p or identity)
+  kHour = 6,    // Avazu YYMMDDHH -> three sparse fields: hour, weekday, weekend
+};
+
+struct ColumnSpec {
+  Kind kind = Kind::kIgnore;
+  std::string name;
+  int32_t dense = -1;   // output dense column or -1
+  int32_t sparse = -1;  // output sparse field (kHour: the first of three) or -1
+  bool log = true;      // kFloat: apply signed_log1p
+};
+
+struct ReaderSpec {
+  char delimiter = '\t';
+  bool header = false;  // the first non-blank line is a header: skipped
+  std::vector<ColumnSpec> columns;
+  int num_dense = 0;
+  bool has_label = false;
+  std::vector<uint64_t> field_ids;  // per sparse field: the hash's field id
+  std::vector<uint64_t> buckets;    // per sparse field
+  std::vector<int64_t> offsets;     // F + 1
+  uint64_t seed = 0;
+  bool keys = false;      // emit raw 64-bit keys (missing = 0, a real 0 key becomes 1)
+  bool skip_bad = false;  // drop bad lines (counted) instead of failing
+  int num_threads = 1;
+  size_t block_bytes = size_t(64) << 20;        // input per chunk (next_chunk)
+  size_t min_range_bytes = size_t(256) << 10;  // smallest per-thread share of a block
+  bool vector_hash = true;                      // allow hash_row_avx512 (tests turn it off)
+  int num_sparse() const { return static_cast<int>(field_ids.size()); }
+};
+
+// The first bad line of the input (error mode). Formatted into mlfast.reader.ParseError.
+struct ParseFailure : std::exception {
+  int64_t line = 0;
+  std::string field;  // column name; for a wrong field count the first missing column (or the last)
+  Reason reason = kOk;
+  std::string text;  // offending bytes (truncated)
+  int found_fields = 0;
+  int expected_fields = 0;
+  const char* what() const noexcept override { return "mlfast parse failure"; }
+};
+
+// An OS error on the input (open/read), with errno and path; bindings raise OSError.
+struct IoError : std::exception {
+  int err;
+  std::string path;
+  std::string detail;
+  IoError(int e, std::string p, std::string d = "") : err(e), path(std::move(p)), detail(std::move(d)) {}
+  const char* what() const noexcept override { return "mlfast io error"; }
+};
+
+// Corrupt compressed input; bindings raise ValueError.
+struct FormatError : std::exception {
+  std::string msg;
+  explicit FormatError(std::string m) : msg(std::move(m)) {}
+  const char* what() const noexcept override { return msg.c_str(); }
+};
+
+// Memory handed to numpy, freed by free_rows (the capsule's deleter).
+struct RowMemory {
+  void* ptr = nullptr;
+  size_t bytes = 0;
+  bool mapped = false;  // an anonymous mapping (else malloc)
+};
+void free_rows(RowMemory m) noexcept;
+// Unmaps the released mappings kept for reuse (see RowBuffer); returns the bytes freed.
+size_t release_pool() noexcept;
+
+// A growable row-major array. Large ones live in their own anonymous mapping: growing remaps
+// the pages instead of copying them, and a released mapping goes to a small process-wide pool
+// that the next buffer takes it from. Writing fresh pages costs more than parsing into them
+// (first-touch page faults run at ~1.2 GB/s on a small VM, parsing at ~1 GB/s per thread), so
+// reusing the pages of the previous chunk, or of arrays the caller dropped, matters.
+class RowBuffer {
+ public:
+  RowBuffer() = default;
+  explicit RowBuffer(size_t row_bytes) : row_bytes_(row_bytes) {}
+  RowBuffer(RowBuffer&& o) noexcept { *this = std::move(o); }
+  RowBuffer& operator=(RowBuffer&& o) noexcept;
+  RowBuffer(const RowBuffer&) = delete;
+  RowBuffer& operator=(const RowBuffer&) = delete;
+  ~RowBuffer() { free_rows(release()); }
+  void reserve_rows(int64_t rows);  // grows geometrically
+  void shrink_to(int64_t rows);
+  // Rows that fit (unbounded for zero-width rows, which need no memory).
+  int64_t capacity() const { return row_bytes_ == 0 ? INT64_MAX : cap_; }
+  char* row(int64_t r) const { return p_ + static_cast<size_t>(r) * row_bytes_; }
+  size_t row_bytes() const { return row_bytes_; }
+  RowMemory release() {
+    RowMemory m{p_, bytes_, mapped_};
+    p_ = nullptr;
+    bytes_ = 0;
+    cap_ = 0;
+    mapped_ = false;
+    return m;
+  }
+
+ private:
+  char* p_ = nullptr;
+  size_t bytes_ = 0;
+  int64_t cap_ = 0;
+  bool mapped_ = false;
+  size_t row_bytes_ = 0;
+};
+
+// Parsed rows: what one next_chunk() / read_all() returns.
+struct Chunk {
+  RowBuffer labels, dense, missing, sparse;
+  int64_t rows = 0;
+  int64_t first_line = 0;  // 1-based line number of the first line this chunk covered
+  int64_t end_line = 0;    // one past the last line covered
+  uint64_t input_bytes = 0;
+  std::array<int64_t, kNumReasons> skipped{};
+};
+
+class Source;
+
+// Hands out blocks of whole lines; reads the next block on a helper thread while the current
+// one is parsed (when asked to).
+class BlockReader {
+ public:
+  BlockReader(const std::string& path, size_t block_bytes, bool prefetch);
+  ~BlockReader();
+  // The next block (ends with '\n', readable for 64 bytes past its end); len 0 at the end.
+  // Valid until the following call.
+  struct Block {
+    const char* data = nullptr;
+    size_t len = 0;
+  };
+  Block next();
+  bool gzip() const { return gzip_; }
+  uint64_t size() const { return size_; }  // of a plain file (0 for gzip: unknown)
+
+ private:
+  Block fill(int buf);
+  char* reserve(int buf, size_t bytes);
+
+  std::unique_ptr<Source> src_;
+  std::string path_;
+  size_t block_bytes_;
+  bool prefetch_;
+  bool gzip_ = false;
+  uint64_t size_ = 0;
+  RowBuffer bufs_[2]{RowBuffer(1), RowBuffer(1)};  // pooled like the output: no fresh pages per file
+  int cur_ = 0;
+  int carry_buf_ = 0;
+  size_t carry_off_ = 0, carry_len_ = 0;
+  bool eof_ = false;
+  std::thread thread_;
+  bool pending_ = false;
+  Block pending_block_;
+  std::exception_ptr pending_error_;
+};
+
+class Reader {
+ public:
+  Reader(const std::string& path, ReaderSpec spec);
+  // Parse the next block into a fresh chunk; false at the end of the input.
+  bool next_chunk(Chunk* out);
+  // Parse all remaining input into one chunk.
+  void read_all(Chunk* out);
+  const ReaderSpec& spec() const { return spec_; }
+  int64_t next_line() const { return next_line_; }
+
+ private:
+  struct Field {
+    uint64_t salt;
+    Bucketer bucketer;
+    int64_t base;     // offsets[f] + 1
+    int64_t missing;  // offsets[f], or 0 for keys
+  };
+  struct Out {
+    float* labels;
+    float* dense;
+    uint8_t* missing;
+    int64_t* sparse;
+  };
+  struct Result {
+    int64_t rows = 0;
+    int64_t lines = 0;
+    const char* stop = nullptr;  // where parsing stopped because the output was full
+    std::array<int64_t, kNumReasons> skipped{};
+    bool failed = false;
+    int64_t fail_line = 0;
+    int fail_column = -1;
+    Reason fail_reason = kOk;
+    int fail_found = 0;
+    std::string fail_text;
+  };
+
+  Chunk new_chunk() const;
+  // Parses one block into c; expect_bytes: the input c should cover in all (sizes its buffers).
+  void parse_block(const BlockReader::Block& b, Chunk* c, uint64_t expect_bytes);
+  Result parse_range(const char* begin, const char* end, int64_t first_line, Out out, int64_t max_rows) const;
+  void reserve(Chunk* c, int64_t rows) const;
+  int64_t capacity(const Chunk& c) const;
+  Out out_at(const Chunk& c, int64_t row) const;
+  int parse_line(const uintptr_t* ends, float* label, float* dense, uint8_t* missing, uint64_t* vals,
+                 uint8_t* absent, Reason* why) const;
+  void hash_row(const uint64_t* vals, const uint8_t* absent, int64_t* sparse) const;
+  [[noreturn]] void fail(const Result& r) const;
+
+  // The hot loop's view of a column: 12 bytes instead of a ColumnSpec with its name.
+  struct Col {
+    Kind kind;
+    bool log;
+    int32_t dense;
+    int32_t sparse;
+  };
+
+  struct Run {  // columns [begin, end) of one kind
+    Kind kind;
+    int begin, end;
+  };
+
+  ReaderSpec spec_;
+  std::vector<Col> cols_;
+  std::vector<Run> runs_;
+  std::vector<Field> fields_;
+  const IntTables* tables_ = nullptr;
+  FieldTables tables4_;       // the fields' hash constants for hash_row_avx512
+  bool vector_hash_ = false;  // use it (AVX-512 CPU, power-of-two buckets or keys)
+  bool keys_;
+  int ncols_;
+  int num_sparse_;
+  int num_dense_;
+  BlockReader blocks_;
+  bool at_start_ = true;
+  bool header_pending_;
+  bool done_ = false;
+  int64_t next_line_ = 1;
+  double bytes_per_row_ = 0;  // seen so far: sizes the output of the next block
+};
+
+// Runs fn(0) .. fn(n - 1) on n threads, fn(0) on the calling one. An exception thrown by any of
+// them is rethrown here, on the calling thread, after all have joined.
+void parallel_for(int n, const std::function<void(int)>& fn);
+
+}  // namespace mlfast

@@ -1,0 +1,64 @@
+"""Type stub of mlfast._native, the C++ extension built from csrc/ (pybind11).
+
+Use it through mlfast.reader and mlfast.cache; the functions below the reader exist so tests can
+check the C++ hash, grammar and checksum against their Python definitions.
+"""
+from typing import Any, Optional
+
+import numpy as np
+import numpy.typing as npt
+from typing_extensions import Buffer
+
+REASONS: list[str]  # stable skip / error reasons, "field_count" ... "blank_line"
+INT_TABLE_SIZE: int  # Criteo integers in [0, INT_TABLE_SIZE) take the table path
+AVX512_HASH: bool  # this CPU hashes 4 fields at a time (power-of-two buckets or keys; see csrc/hash_rows.hpp)
+
+class ParseFailure(ValueError):
+    """Raised by Reader on the first bad line; args = (line, field, reason, text: bytes,
+    found_fields, expected_fields). mlfast.reader turns it into ParseError."""
+
+class Reader:
+    """Streaming parser of one file (plain or gzip) under a spec dict built by mlfast.reader:
+    delimiter, header, columns [(kind, name, dense, sparse, log)], num_dense, has_label,
+    field_ids, buckets, offsets, seed, keys, skip_bad, num_threads, block_bytes,
+    min_range_bytes. Raises OSError subclasses for files it cannot open or read, ValueError for
+    a bad spec or corrupt gzip data."""
+
+    def __init__(self, path: str, spec: dict[str, Any]) -> None: ...
+    def next_chunk(self) -> Optional[dict[str, Any]]:
+        """The next block's rows: {"labels": float32[N] | None, "dense": float32[N, Dd],
+        "dense_missing": bool[N, Dd], "sparse": int64[N, F], "skipped": {reason: count},
+        "first_line", "end_line", "input_bytes"}; None at the end. A chunk has rows, except a last
+        one that only carries the skip counts of blank or bad lines at the end of the input."""
+    def read_all(self) -> dict[str, Any]:
+        """Everything left, as one dict shaped like next_chunk()'s."""
+    @property
+    def next_line(self) -> int: ...
+
+class Checksum:
+    """Streaming cache checksum: update() with consecutive pieces equals one checksum() of all."""
+
+    def __init__(self) -> None: ...
+    def update(self, buffer: Buffer, threads: int = 1) -> None: ...
+    def digest(self) -> int: ...
+    @property
+    def nbytes(self) -> int: ...
+
+def checksum(buffer: Buffer, threads: int = 1) -> int:
+    """64-bit checksum of a C-contiguous buffer's bytes (csrc/checksum.hpp), GIL released."""
+
+def hash_keys(values: npt.ArrayLike, seed: int, field_id: int, buckets: int = 0) -> npt.NDArray[np.uint64]:
+    """mlfast.hashing.hash_key(v, seed, field_id) for each uint64 v; with buckets > 0, key % buckets."""
+
+def hash_text(texts: list[str] | list[bytes], seed: int, field_id: int) -> npt.NDArray[np.uint64]:
+    """hash_key(fnv1a64(utf-8 bytes), seed, field_id) for each text."""
+
+def int_features(values: npt.ArrayLike) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """The reader's (signed_log1p as float32, FuxiCTR bucket) of int64 Criteo integers."""
+
+def parse_value(kind: str, data: bytes) -> tuple[Optional[str], Any]:
+    """One field parsed as the reader does: (None, value) or (reason, None). kind: label, int,
+    hex, text, float or hour (value (hour, weekday, weekend))."""
+
+def release_memory() -> int:
+    """Unmap the released output buffers the reader keeps for reuse; returns the bytes freed."""

@@ -1,0 +1,337 @@
+"""Binary cache of parsed click logs: columnar, memory-mapped, verified on every load.
+
+The first ``read_*`` of a file streams the parser's chunks into one raw file per column
+(``labels.bin``, ``dense.bin``, ``dense_missing.bin``, ``sparse.bin``), so files larger than RAM
+work, then writes ``manifest.json`` last and renames the finished directory into place: an entry
+is complete or absent. Later reads memory-map the columns.
+
+An entry is keyed by the source's absolute path and the full reader configuration (format,
+buckets, seed, int_buckets, keys, schema, skip mode, versions). Its manifest records the source's
+identity (size, mtime_ns, inode), every column's dtype, shape, byte size and a 64-bit checksum
+(``csrc/checksum.hpp``: computed in C++ on all threads, so verifying runs near memory speed).
+Nothing is trusted: a load checks all of it, and an entry that is stale (the source changed) or
+corrupt (bad manifest, truncated or altered data) is rebuilt with a warning saying why.
+
+Example::
+
+    >>> import tempfile, mlfast.reader as r
+    >>> path, where = "../shared/datasets_raw/paddlerec_criteo_tiny/part-0.txt", tempfile.mkdtemp()
+    >>> a = r.read_criteo(path, cache_dir=where)
+    >>> b = r.read_criteo(path, cache_dir=where)
+    >>> a.meta["cache"]["status"], b.meta["cache"]["status"], bool((a.sparse == b.sparse).all())
+    ('miss', 'hit', True)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import re
+import secrets
+import shutil
+import tempfile
+import threading
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from . import _native
+
+MAGIC = "mlfast-ctr-cache"
+CACHE_VERSION = 1
+MANIFEST = "manifest.json"
+
+__all__ = ["default_cache_dir", "cached_read", "ctr_columns", "entry_path", "source_identity", "clear_cache",
+           "CacheInvalid"]
+
+
+class CacheInvalid(Exception):
+    """A cache entry that must not be used (the message says why)."""
+
+
+class _WriteFailed(Exception):
+    """Writing the cache failed (disk full, permissions): fall back to reading without it."""
+
+
+def default_cache_dir() -> Path:
+    """``$MLFAST_CACHE_DIR``, else ``~/.cache/mlfast``."""
+    env = os.environ.get("MLFAST_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "mlfast"
+
+
+def ctr_columns(has_label: bool, num_dense: int, num_sparse: int) -> dict[str, tuple[np.dtype, int | None]]:
+    """The cached columns of a CTRData: name -> (dtype, width; None for a 1-D column)."""
+    cols: dict[str, tuple[np.dtype, int | None]] = {}
+    if has_label:
+        cols["labels"] = (np.dtype(np.float32), None)
+    cols["dense"] = (np.dtype(np.float32), num_dense)
+    cols["dense_missing"] = (np.dtype(np.bool_), num_dense)
+    cols["sparse"] = (np.dtype(np.int64), num_sparse)
+    return cols
+
+
+def source_identity(path: str | os.PathLike) -> dict[str, Any]:
+    """What says "the same file": absolute path, size, mtime_ns and inode."""
+    st = os.stat(path)
+    return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+
+
+def _normalized(config: dict[str, Any]) -> Any:
+    return json.loads(json.dumps(config, sort_keys=True))
+
+
+def entry_path(cache_dir: str | os.PathLike, source: str | os.PathLike, config: dict[str, Any]) -> Path:
+    """Directory of the entry for (source path, reader config)."""
+    key = json.dumps({"version": CACHE_VERSION, "source": os.path.abspath(source), "config": config},
+                     sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:24]
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", os.path.basename(source))[:64]
+    return Path(cache_dir) / f"{stem}-{digest}"
+
+
+def _shape(rows: int, width: int | None) -> tuple[int, ...]:
+    return (rows,) if width is None else (rows, width)
+
+
+def _empty_digest() -> int:
+    return _native.Checksum().digest()
+
+
+def _load(entry: Path, source: str, config: dict[str, Any], columns: dict[str, tuple[np.dtype, int | None]],
+          num_threads: int, verify: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+    try:
+        manifest = json.loads((entry / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise CacheInvalid("incomplete entry (no manifest)") from None
+    except (OSError, ValueError) as e:
+        raise CacheInvalid(f"unreadable manifest ({e})") from None
+    try:
+        if manifest.get("magic") != MAGIC:
+            raise CacheInvalid("not an mlfast cache manifest (bad magic)")
+        if manifest.get("version") != CACHE_VERSION:
+            raise CacheInvalid(f"cache format version {manifest.get('version')}, this mlfast writes {CACHE_VERSION}")
+        if manifest.get("source") != source_identity(source):
+            raise CacheInvalid("stale: the source file changed (size, mtime or inode differ)")
+        if manifest.get("config") != _normalized(config):
+            raise CacheInvalid("the manifest's reader configuration does not match")
+        rows = manifest["rows"]
+        if not isinstance(rows, int) or rows < 0:
+            raise CacheInvalid(f"bad row count {rows!r}")
+        if set(manifest["columns"]) != set(columns):
+            raise CacheInvalid(f"columns {sorted(manifest['columns'])}, expected {sorted(columns)}")
+        arrays: dict[str, Any] = {}
+        for name, (dtype, width) in columns.items():
+            col = manifest["columns"][name]
+            if col["file"] != f"{name}.bin":  # never follow a manifest out of its entry
+                raise CacheInvalid(f"{name}: unexpected file name {col['file']!r}")
+            shape = _shape(rows, width)
+            if col["dtype"] != dtype.str or tuple(col["shape"]) != shape:
+                raise CacheInvalid(f"{name}: {col['dtype']} {col['shape']}, expected {dtype.str} {list(shape)}")
+            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            path = entry / col["file"]
+            size = path.stat().st_size
+            if size != nbytes or col["nbytes"] != nbytes:
+                raise CacheInvalid(f"{col['file']} has {size} bytes, expected {nbytes} (truncated or corrupt)")
+            # Copy-on-write mapping: writable like a parsed array, and writes never reach the file.
+            arr = np.memmap(path, dtype=dtype, mode="c", shape=shape) if nbytes else np.zeros(shape, dtype)
+            if verify:
+                digest = _native.checksum(arr, num_threads) if nbytes else _empty_digest()
+                if f"{digest:016x}" != col["checksum"]:
+                    raise CacheInvalid(f"checksum mismatch in {col['file']} (corrupt)")
+            arrays[name] = arr
+        extra = manifest["extra"]
+        arrays.setdefault("labels", None)
+        arrays["skipped"] = {str(k): int(v) for k, v in extra["skipped"].items()}
+        arrays["lines"] = int(extra["lines"])
+        return arrays, manifest
+    except CacheInvalid:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, OSError) as e:
+        raise CacheInvalid(f"malformed entry ({type(e).__name__}: {e})") from None
+
+
+def _write_all(f: Any, arr: np.ndarray) -> None:
+    if arr.nbytes == 0:
+        return
+    view = memoryview(np.ascontiguousarray(arr).reshape(-1)).cast("B")
+    while view.nbytes:
+        n = f.write(view)
+        view = view[n:]
+
+
+def _commit(tmp: Path, entry: Path) -> None:
+    """Move the finished tmp directory to ``entry``, replacing an older one."""
+    try:
+        os.rename(tmp, entry)
+        return
+    except OSError:
+        pass
+    old = entry.with_name(f".old-{entry.name}-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        os.rename(entry, old)
+    except FileNotFoundError:
+        old = None  # someone else removed it meanwhile
+    os.rename(tmp, entry)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _build(root: Path, entry: Path, source: str, config: dict[str, Any],
+           chunks: Callable[[], Iterator[dict[str, Any]]], columns: dict[str, tuple[np.dtype, int | None]],
+           num_threads: int) -> bool:
+    """Stream the chunks into a new entry. False (with a warning) when it cannot be written."""
+    before = source_identity(source)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{entry.name}-", dir=root))
+    except OSError as e:
+        warnings.warn(f"mlfast cache: cannot write to {root} ({e}); reading {source} without a cache", stacklevel=4)
+        return False
+    files: dict[str, Any] = {}
+    try:
+        try:
+            files = {name: open(tmp / f"{name}.bin", "wb", buffering=0) for name in columns}
+        except OSError as e:
+            raise _WriteFailed(e) from None
+        sums = {name: _native.Checksum() for name in columns}
+        rows, lines, skipped = 0, 0, Counter()
+        # Parse and write overlap: a writer thread stores block k (write + checksum, both without
+        # the GIL) while the parser reads block k + 1.
+        pending: queue.Queue = queue.Queue(maxsize=1)
+        failed: list[BaseException] = []
+
+        def store() -> None:
+            while (item := pending.get()) is not None:
+                try:
+                    if not failed:
+                        for name, arr in item.items():
+                            _write_all(files[name], arr)
+                            if arr.nbytes:
+                                sums[name].update(arr.reshape(-1), num_threads)
+                except BaseException as e:  # noqa: BLE001 - re-raised on the calling thread
+                    failed.append(e)
+                del item  # the parser reuses these buffers for a later block
+
+        writer = threading.Thread(target=store, name="mlfast-cache-writer", daemon=True)
+        writer.start()
+        try:
+            for chunk in chunks():
+                if failed:
+                    break
+                pending.put({name: chunk[name] for name in columns})
+                rows += int(chunk["sparse"].shape[0])
+                lines = int(chunk["end_line"]) - 1
+                skipped.update(chunk["skipped"])
+                del chunk
+        finally:
+            pending.put(None)
+            writer.join()
+        if failed:
+            if isinstance(failed[0], OSError):
+                raise _WriteFailed(failed[0])
+            raise failed[0]
+        for f in files.values():
+            f.close()
+        if source_identity(source) != before:
+            warnings.warn(f"mlfast cache: {source} changed while it was read; not caching it", stacklevel=4)
+            return False
+        manifest = {
+            "magic": MAGIC,
+            "version": CACHE_VERSION,
+            "source": before,
+            "config": _normalized(config),
+            "rows": rows,
+            "columns": {
+                name: {"file": f"{name}.bin", "dtype": dtype.str, "shape": list(_shape(rows, width)),
+                       "nbytes": int(sums[name].nbytes), "checksum": f"{sums[name].digest():016x}"}
+                for name, (dtype, width) in columns.items()
+            },
+            "extra": {"skipped": dict(skipped), "lines": lines},
+        }
+        try:
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+            _commit(tmp, entry)
+        except OSError as e:
+            raise _WriteFailed(e) from None
+        return True
+    except _WriteFailed as e:
+        warnings.warn(f"mlfast cache: writing {entry} failed ({e.args[0]}); reading {source} without a cache",
+                      stacklevel=4)
+        return False
+    finally:
+        for f in files.values():
+            f.close()
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cached_read(source: str, config: dict[str, Any], chunks: Callable[[], Iterator[dict[str, Any]]],
+                columns: dict[str, tuple[np.dtype, int | None]], *, cache_dir: str | os.PathLike | None = None,
+                num_threads: int = 1) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """Columns of ``source`` parsed under ``config``, from the cache or built into it.
+
+    ``chunks()`` parses the source and yields dicts holding the ``columns`` arrays plus
+    ``skipped`` and ``end_line``. Returns (arrays + ``skipped`` + ``lines``, info) where info is
+    ``{"status": "hit" | "miss" | "rebuilt", "path": entry}``, or None when no entry can be written
+    (the caller then reads without the cache).
+
+    Example::
+
+        >>> import numpy as np
+        >>> cols = ctr_columns(False, 0, 1)
+        >>> chunk = {"dense": np.zeros((2, 0), np.float32), "dense_missing": np.zeros((2, 0), bool),
+        ...          "sparse": np.arange(2, dtype=np.int64)[:, None], "skipped": {}, "end_line": 3}
+        >>> import tempfile
+        >>> arrays, info = cached_read(__file__, {"demo": 1}, lambda: iter([chunk]), cols,
+        ...                            cache_dir=tempfile.mkdtemp())
+        >>> arrays["sparse"][:, 0].tolist(), info["status"]
+        ([0, 1], 'miss')
+    """
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    entry = entry_path(root, source, config)
+    status = "miss"
+    if entry.exists():
+        try:
+            arrays, _ = _load(entry, source, config, columns, num_threads)
+            return arrays, {"status": "hit", "path": str(entry)}
+        except CacheInvalid as e:
+            warnings.warn(f"mlfast cache entry {entry} for {source}: {e}; rebuilding it", stacklevel=3)
+            status = "rebuilt"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        warnings.warn(f"mlfast cache: cannot create {root} ({e}); reading {source} without a cache", stacklevel=3)
+        return None
+    if not _build(root, entry, source, config, chunks, columns, num_threads):
+        return None
+    try:
+        # Map what was just written. Its checksums were computed from the arrays as they were
+        # written; reading it all back to check them again would double the cost of a miss.
+        arrays, _ = _load(entry, source, config, columns, num_threads, verify=False)
+    except CacheInvalid as e:
+        warnings.warn(f"mlfast cache entry {entry} failed verification right after writing: {e}", stacklevel=3)
+        return None
+    return arrays, {"status": status, "path": str(entry)}
+
+
+def clear_cache(cache_dir: str | os.PathLike | None = None) -> int:
+    """Delete every entry under ``cache_dir`` (default: :func:`default_cache_dir`); returns how many.
+
+    Example::
+
+        >>> import tempfile
+        >>> clear_cache(tempfile.mkdtemp())
+        0
+    """
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if not root.is_dir():
+        return 0
+    n = 0
+    for child in root.iterdir():
+        if child.is_dir() and ((child / MANIFEST).exists() or child.name.startswith((".tmp-", ".old-"))):
+            shutil.rmtree(child, ignore_errors=True)
+            n += 1
+    return n

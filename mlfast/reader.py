@@ -1,0 +1,694 @@
+"""Read raw click logs (Criteo, Avazu, any delimited text) into :class:`mlfast.data.CTRData`.
+
+One native, schema-driven parser (``csrc/reader.cpp``) does the work: a line is split on one
+delimiter byte into columns and each column has a kind (label, integer, hex categorical, text
+categorical, float, Avazu hour, ignored). Criteo, Avazu and generic logs are configurations of it,
+built here. Every categorical value is hashed as :mod:`mlfast.hashing` documents and lands in one
+flat table: ``sparse[i, f] = field_offsets[f] + 1 + key % buckets[f]``, ``field_offsets[f]`` when
+the value is missing (empty).
+
+* Input streams through blocks of ``chunk_bytes`` (whole lines; gzip is read directly), so a file
+  of any size can be parsed; ``iter_*_chunks`` yield one CTRData per block.
+* Parsing runs on ``num_threads`` threads with the GIL released; the arrays are the parser's own
+  buffers, handed to numpy without a copy.
+* ``read_*`` keep a verified binary cache of the result (:mod:`mlfast.cache`): later calls
+  return memory-mapped arrays.
+* A bad line raises :class:`ParseError` (file, line, field, what was found and expected), or with
+  ``on_bad_line="skip"`` is dropped and counted in ``CTRData.skipped`` under a stable reason:
+  ``field_count, bad_integer, integer_overflow, bad_categorical, bad_label, bad_float, bad_hour,
+  invalid_utf8`` (and ``blank_line``, which is never an error).
+
+Line endings may be ``\\n`` or ``\\r\\n``; the last line may lack its newline; a UTF-8 byte-order mark
+at the start of the file is ignored. Fields are not quoted: a delimiter always ends a field.
+
+Example::
+
+    >>> from mlfast.reader import read_criteo
+    >>> d = read_criteo("../shared/datasets_raw/criteo_kaggle_head10k/train_head10000.txt", cache=False)
+    >>> d.sparse.shape, d.dense.shape, d.field_names[13]
+    ((10000, 39), (10000, 13), 'C1')
+"""
+from __future__ import annotations
+
+import errno
+import gzip
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from . import _native
+from . import cache as _cache
+from . import hashing
+from .data import CTRData
+
+__all__ = [
+    "ParseError",
+    "DelimitedSchema",
+    "read",
+    "read_criteo",
+    "read_avazu",
+    "read_delimited",
+    "iter_criteo_chunks",
+    "iter_avazu_chunks",
+    "iter_delimited_chunks",
+    "release_memory",
+    "REASONS",
+]
+
+DEFAULT_CHUNK_BYTES = 64 << 20
+# Smallest share of a block worth a thread of its own (tests lower it to split small files).
+MIN_RANGE_BYTES = 256 << 10
+# Hash four fields at a time with AVX-512 where the CPU has it (tests turn it off to check the
+# scalar path gives the same ids).
+VECTOR_HASH = True
+# Format version of what the readers produce; part of every cache key.
+READER_VERSION = 1
+
+REASONS: tuple[str, ...] = tuple(_native.REASONS)
+
+CRITEO_INT_NAMES = tuple(f"I{i}" for i in range(1, 14))
+CRITEO_CAT_NAMES = tuple(f"C{i}" for i in range(1, 27))
+AVAZU_COLUMNS = (
+    "id", "click", "hour", "C1", "banner_pos", "site_id", "site_domain", "site_category", "app_id",
+    "app_domain", "app_category", "device_id", "device_ip", "device_model", "device_type",
+    "device_conn_type", "C14", "C15", "C16", "C17", "C18", "C19", "C20", "C21",
+)
+AVAZU_HOUR_FIELD_IDS = {"hour": 101, "weekday": 102, "weekend": 103}
+
+_EXPECTED = {
+    "bad_label": "a label: 0 or 1",
+    "bad_integer": "an integer: optional sign and decimal digits (empty = missing)",
+    "integer_overflow": "an integer in the int64 range [-2^63, 2^63 - 1]",
+    "bad_categorical": "1-8 hex digits (empty = missing)",
+    "bad_float": "a finite decimal number such as 3.5 or -2e-3 (empty = missing)",
+    "bad_hour": "an hour YYMMDDHH: 8 digits forming a valid date (20YY) and hour 00-23",
+    "invalid_utf8": "valid UTF-8 text",
+}
+
+
+class ParseError(ValueError):
+    """A line of the input is not what the format says.
+
+    Attributes: ``path``, ``line`` (1-based), ``field`` (column name, e.g. ``"C7"``; for a wrong
+    field count the first missing column, or the last one when there are extra fields),
+    ``reason`` (one of :data:`REASONS`) and ``text`` (the offending bytes).
+    """
+
+    def __init__(self, path: str, line: int, field: str | None, reason: str, text: bytes, message: str):
+        super().__init__(message)
+        self.path = path
+        self.line = line
+        self.field = field
+        self.reason = reason
+        self.text = text
+
+
+@dataclass
+class DelimitedSchema:
+    """How to read a generic delimited log with :func:`read_delimited`.
+
+    Columns are named by header name (``header=True``) or 0-based index. ``numeric`` columns are
+    parsed as decimals, transformed (``numeric_transform``: ``"log"`` = :func:`hashing.signed_log1p`,
+    or ``"none"``) and become ``dense`` (missing -> 0 with the mask set); ``categorical`` columns
+    are hashed as text (``fnv1a64`` of their UTF-8 bytes) into sparse fields, in the order listed;
+    the label must be ``0``/``1``; other columns are ignored. A field's hash id is its 1-based
+    column number.
+
+    Example::
+
+        >>> s = DelimitedSchema(delimiter=",", label="clk", numeric=["price"], categorical=["userid", "pid"])
+    """
+
+    delimiter: str = ","
+    header: bool = True
+    label: str | int | None = None
+    numeric: list[str | int] = field(default_factory=list)
+    categorical: list[str | int] = field(default_factory=list)
+    numeric_transform: str = "log"
+
+
+# ------------------------------------------------------------------------------------------------
+# Layout: the resolved configuration of one read
+
+
+@dataclass
+class _Layout:
+    format: str
+    spec: dict[str, Any]  # for _native.Reader (without threads / block size)
+    field_names: list[str]
+    dense_names: list[str]
+    field_offsets: np.ndarray
+    expected: str  # what a line must look like, for error messages
+    config: dict[str, Any]  # everything the output depends on (the cache keys on it)
+
+
+def _layout(fmt: str, *, delimiter: str, header: bool, columns: list[tuple], field_names: list[str],
+            field_ids: list[int], kinds: list[str], dense_names: list[str], hash_buckets, hash_seed: int,
+            keys: bool, on_bad_line: str, expected: str, extra: dict[str, Any]) -> _Layout:
+    if on_bad_line not in ("error", "skip"):
+        raise ValueError(f"on_bad_line must be 'error' or 'skip', got {on_bad_line!r}")
+    if not isinstance(hash_seed, (int, np.integer)):
+        raise TypeError(f"hash_seed must be an int, got {type(hash_seed).__name__}")
+    buckets = hashing.resolve_buckets(hash_buckets, kinds)
+    if sum(b + 1 for b in buckets) >= 1 << 63:  # Python ints: int64 offsets must not wrap
+        raise ValueError(f"hash_buckets add up to a table of 2^63 rows or more: {buckets[:4]}...")
+    offsets = np.zeros(len(buckets) + 1, np.int64) if keys else hashing.field_offsets_for(buckets)
+    seed = int(hash_seed) & hashing.MASK64
+    spec = {
+        "delimiter": delimiter,
+        "header": bool(header),
+        "columns": columns,
+        "num_dense": len(dense_names),
+        "has_label": any(c[0] == "label" for c in columns),
+        "field_ids": [int(i) for i in field_ids],
+        "buckets": buckets,
+        "offsets": [int(x) for x in offsets],
+        "seed": seed,
+        "keys": bool(keys),
+        "skip_bad": on_bad_line == "skip",
+    }
+    config = {
+        "reader_version": READER_VERSION,
+        "format": fmt,
+        "delimiter": delimiter,
+        "header": bool(header),
+        "columns": [list(c) for c in columns],
+        "field_names": list(field_names),
+        "dense_names": list(dense_names),
+        "field_ids": spec["field_ids"],
+        "hash_buckets": buckets,
+        "hash_seed": seed,
+        "keys": bool(keys),
+        "on_bad_line": on_bad_line,
+        **extra,
+    }
+    return _Layout(fmt, spec, list(field_names), list(dense_names), offsets, expected, config)
+
+
+def _criteo_layout(fmt: str, int_buckets: bool, hash_buckets, hash_seed, keys, on_bad_line) -> _Layout:
+    label = fmt == "train"
+    columns: list[tuple] = [("label", "label", -1, -1, False)] if label else []
+    first_cat = 13 if int_buckets else 0
+    for i, name in enumerate(CRITEO_INT_NAMES):
+        columns.append(("int", name, i, i if int_buckets else -1, True))
+    for j, name in enumerate(CRITEO_CAT_NAMES):
+        columns.append(("hex", name, -1, first_cat + j, False))
+    field_names = (list(CRITEO_INT_NAMES) if int_buckets else []) + list(CRITEO_CAT_NAMES)
+    field_ids = (list(range(1, 14)) if int_buckets else []) + list(range(14, 40))
+    kinds = (["int"] * 13 if int_buckets else []) + ["cat"] * 26
+    expected = (f"{len(columns)} tab-separated fields "
+                f"({'label, ' if label else ''}I1..I13, C1..C26)")
+    return _layout(f"criteo-{fmt}", delimiter="\t", header=False, columns=columns, field_names=field_names,
+                   field_ids=field_ids, kinds=kinds, dense_names=list(CRITEO_INT_NAMES),
+                   hash_buckets=hash_buckets, hash_seed=hash_seed, keys=keys, on_bad_line=on_bad_line,
+                   expected=expected, extra={"int_buckets": bool(int_buckets)})
+
+
+def _avazu_layout(fmt: str, header: bool, hash_buckets, hash_seed, keys, on_bad_line) -> _Layout:
+    names = AVAZU_COLUMNS if fmt == "train" else tuple(c for c in AVAZU_COLUMNS if c != "click")
+    columns: list[tuple] = []
+    field_names: list[str] = []
+    field_ids: list[int] = []
+    kinds: list[str] = []
+    for name in names:
+        column_number = AVAZU_COLUMNS.index(name) + 1  # ids follow the 24-column train layout
+        if name == "id":
+            columns.append(("ignore", name, -1, -1, False))
+        elif name == "click":
+            columns.append(("label", name, -1, -1, False))
+        elif name == "hour":
+            columns.append(("hour", name, -1, len(field_names), False))
+            for sub, fid in AVAZU_HOUR_FIELD_IDS.items():
+                field_names.append(sub)
+                field_ids.append(fid)
+                kinds.append("int")
+        else:
+            columns.append(("text", name, -1, len(field_names), False))
+            field_names.append(name)
+            field_ids.append(column_number)
+            kinds.append("cat")
+    expected = f"{len(names)} comma-separated fields ({','.join(names)})"
+    return _layout(f"avazu-{fmt}", delimiter=",", header=header, columns=columns, field_names=field_names,
+                   field_ids=field_ids, kinds=kinds, dense_names=[], hash_buckets=hash_buckets,
+                   hash_seed=hash_seed, keys=keys, on_bad_line=on_bad_line, expected=expected, extra={})
+
+
+def _delimited_layout(path: str, schema: DelimitedSchema, hash_buckets, hash_seed, keys, on_bad_line) -> _Layout:
+    if len(schema.delimiter) != 1 or schema.delimiter in "\r\n" or len(schema.delimiter.encode()) != 1:
+        raise ValueError(f"delimiter must be one ASCII character other than a line break, got {schema.delimiter!r}")
+    if schema.numeric_transform not in ("log", "none"):
+        raise ValueError(f"numeric_transform must be 'log' or 'none', got {schema.numeric_transform!r}")
+    line_no, first = _first_line(path)
+    cells = first.split(schema.delimiter.encode())
+    if schema.header:
+        try:
+            names = [c.decode("utf-8") for c in cells]
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}: the header (line {line_no}) is not valid UTF-8") from None
+    else:
+        names = [f"col{i}" for i in range(len(cells))]
+
+    def index(ref: str | int, role: str) -> int:
+        if isinstance(ref, (int, np.integer)) and not isinstance(ref, bool):
+            if not 0 <= ref < len(names):
+                raise ValueError(f"{role} column {ref} is out of range: {path} has {len(names)} columns")
+            return int(ref)
+        if not schema.header:
+            raise ValueError(f"{role} column {ref!r}: without a header, columns are named by 0-based index")
+        if ref not in names:
+            raise ValueError(f"{role} column {ref!r} is not in the header of {path}: {names}")
+        if names.count(ref) > 1:
+            raise ValueError(f"{role} column {ref!r} appears more than once in the header of {path}")
+        return names.index(ref)
+
+    role: dict[int, str] = {}
+
+    def claim(i: int, what: str) -> None:
+        if i in role:
+            raise ValueError(f"column {names[i]!r} is both {role[i]} and {what}")
+        role[i] = what
+
+    label = None if schema.label is None else index(schema.label, "label")
+    if label is not None:
+        claim(label, "label")
+    numeric = [index(r, "numeric") for r in schema.numeric]
+    for i in numeric:
+        claim(i, "numeric")
+    categorical = [index(r, "categorical") for r in schema.categorical]
+    for i in categorical:
+        claim(i, "categorical")
+    columns: list[tuple] = []
+    log = schema.numeric_transform == "log"
+    for i, name in enumerate(names):
+        if i == label:
+            columns.append(("label", name, -1, -1, False))
+        elif i in numeric:
+            columns.append(("float", name, numeric.index(i), -1, log))
+        elif i in categorical:
+            columns.append(("text", name, -1, categorical.index(i), False))
+        else:
+            columns.append(("ignore", name, -1, -1, False))
+    delim_name = {",": "comma", "\t": "tab", ";": "semicolon", "|": "pipe", " ": "space"}.get(
+        schema.delimiter, repr(schema.delimiter))
+    expected = f"{len(names)} {delim_name}-separated fields"
+    return _layout("delimited", delimiter=schema.delimiter, header=schema.header, columns=columns,
+                   field_names=[names[i] for i in categorical], field_ids=[i + 1 for i in categorical],
+                   kinds=["cat"] * len(categorical), dense_names=[names[i] for i in numeric],
+                   hash_buckets=hash_buckets, hash_seed=hash_seed, keys=keys, on_bad_line=on_bad_line,
+                   expected=expected, extra={"numeric_transform": schema.numeric_transform})
+
+
+# ------------------------------------------------------------------------------------------------
+# Input checks and peeking
+
+
+def _check_path(path: str | os.PathLike) -> str:
+    p = os.fspath(path)
+    if isinstance(p, bytes):
+        p = os.fsdecode(p)
+    if not os.path.exists(p):
+        raise FileNotFoundError(errno.ENOENT, "no such file", p)
+    if os.path.isdir(p):
+        raise IsADirectoryError(errno.EISDIR, "is a directory, expected a click-log file", p)
+    if os.path.getsize(p) == 0:
+        raise ValueError(f"{p}: empty file (no lines to read)")
+    return p
+
+
+def _is_gzip(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(2) == b"\x1f\x8b"
+
+
+def _first_line(path: str) -> tuple[int, bytes]:
+    """(1-based number, bytes without line ending) of the first non-blank line."""
+    opener = gzip.open if _is_gzip(path) else open
+    with opener(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            line = raw[:-1] if raw.endswith(b"\n") else raw
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if line:
+                return line_no, line
+    raise ValueError(f"{path}: no data lines (the file holds only blank lines)")
+
+
+def _detect_criteo(path: str, fmt: str) -> str:
+    if fmt in ("train", "test"):
+        return fmt
+    if fmt != "auto":
+        raise ValueError(f"format must be 'auto', 'train' or 'test', got {fmt!r}")
+    line_no, line = _first_line(path)
+    n = line.count(b"\t") + 1
+    if n == 40:
+        return "train"
+    if n == 39:
+        return "test"
+    raise ValueError(f"{path}: line {line_no} has {n} tab-separated fields; a Criteo file has 40 "
+                     "(train: label, I1..I13, C1..C26) or 39 (test: no label). Pass format= to force one.")
+
+
+def _detect_avazu(path: str, fmt: str, header: bool | None) -> tuple[str, bool]:
+    if fmt not in ("auto", "train", "test"):
+        raise ValueError(f"format must be 'auto', 'train' or 'test', got {fmt!r}")
+    line_no, line = _first_line(path)
+    train_header = ",".join(AVAZU_COLUMNS).encode()
+    test_header = ",".join(c for c in AVAZU_COLUMNS if c != "click").encode()
+    found = "train" if line == train_header else "test" if line == test_header else None
+    if header is None:
+        if found is None:
+            raise ValueError(f"{path}: line {line_no} is not an Avazu header (expected {train_header.decode()!r}"
+                             f" or the same without 'click'); pass header=False for a file without one")
+        header = True
+    if header:
+        if found is None:
+            raise ValueError(f"{path}: line {line_no} is not an Avazu header: {line[:200]!r}")
+        if fmt != "auto" and fmt != found:
+            raise ValueError(f"{path}: format={fmt!r} but the header is the {found} header")
+        return found, True
+    if fmt != "auto":
+        return fmt, False
+    n = line.count(b",") + 1
+    if n == 24:
+        return "train", False
+    if n == 23:
+        return "test", False
+    raise ValueError(f"{path}: line {line_no} has {n} comma-separated fields; an Avazu file has 24 "
+                     "(train, with click) or 23 (test)")
+
+
+# ------------------------------------------------------------------------------------------------
+# Running the native reader
+
+
+def _threads(num_threads: int | None) -> int:
+    n = (os.cpu_count() or 1) if num_threads is None else int(num_threads)
+    if n < 1:
+        raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+    return n
+
+
+def _show(text: bytes, limit: int = 120) -> str:
+    """The offending bytes for a message: printable text as is, anything else escaped."""
+    out = []
+    for ch in text[:limit].decode("utf-8", "surrogateescape"):
+        if 0xDC80 <= ord(ch) <= 0xDCFF:  # a byte that is not UTF-8
+            out.append(f"\\x{ord(ch) - 0xDC00:02x}")
+        elif ch.isprintable() and ch != "\\":
+            out.append(ch)
+        else:
+            out.append(repr(ch)[1:-1] if ch != "\\" else "\\\\")
+    return "'" + "".join(out) + ("...'" if len(text) > limit else "'")
+
+
+def _parse_error(path: str, layout: _Layout, failure: Exception) -> ParseError:
+    line, field_name, reason, text, found, expected_count = failure.args
+    field_name = field_name or None
+    if reason == "field_count":
+        where = f"field {field_name}" if found < expected_count else f"after field {field_name}"
+        message = (f"{path}, line {line}, {where}: found {found} fields, expected {layout.expected} "
+                   f"[field_count]; the line: {_show(text)}")
+    else:
+        message = (f"{path}, line {line}, field {field_name}: got {_show(text)}, expected "
+                   f"{_EXPECTED.get(reason, reason)} [{reason}]")
+    return ParseError(path, line, field_name, reason, text, message)
+
+
+def _native_reader(path: str, layout: _Layout, num_threads: int, chunk_bytes: int) -> Any:
+    if chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
+    spec = dict(layout.spec, num_threads=num_threads, block_bytes=int(chunk_bytes),
+                min_range_bytes=int(MIN_RANGE_BYTES), vector_hash=bool(VECTOR_HASH))
+    return _native.Reader(path, spec)
+
+
+def _to_data(arrays: dict[str, Any], layout: _Layout, path: str, meta: dict[str, Any]) -> CTRData:
+    return CTRData(
+        labels=arrays["labels"],
+        dense=arrays["dense"],
+        dense_missing=arrays["dense_missing"],
+        sparse=arrays["sparse"],
+        field_offsets=layout.field_offsets.copy(),
+        field_names=list(layout.field_names),
+        dense_names=list(layout.dense_names),
+        skipped=dict(arrays["skipped"]),
+        source=path,
+        meta=meta,
+    )
+
+
+def _meta(layout: _Layout, num_threads: int, **more: Any) -> dict[str, Any]:
+    c = layout.config
+    meta = {"format": layout.format, "keys": c["keys"], "hash_seed": c["hash_seed"],
+            "hash_buckets": list(c["hash_buckets"]), "field_ids": list(c["field_ids"]),
+            "on_bad_line": c["on_bad_line"], "num_threads": num_threads, "reader": dict(c)}
+    if "int_buckets" in c:
+        meta["int_buckets"] = c["int_buckets"]
+    meta.update(more)
+    return meta
+
+
+def _iter_native(path: str, layout: _Layout, num_threads: int, chunk_bytes: int) -> Iterator[dict[str, Any]]:
+    reader = _native_reader(path, layout, num_threads, chunk_bytes)
+    while True:
+        try:
+            chunk = reader.next_chunk()
+        except _native.ParseFailure as e:
+            raise _parse_error(path, layout, e) from None
+        if chunk is None:
+            return
+        yield chunk
+        # Drop our reference before parsing the next block: once the consumer drops its own,
+        # the buffers return to the native pool and the next block reuses their pages.
+        del chunk
+
+
+def _read(path: str, layout: _Layout, num_threads: int | None, cache: bool, cache_dir, chunk_bytes: int) -> CTRData:
+    threads = _threads(num_threads)
+    if cache:
+        columns = _cache.ctr_columns(layout.spec["has_label"], len(layout.dense_names), len(layout.field_names))
+        result = _cache.cached_read(path, layout.config, lambda: _iter_native(path, layout, threads, chunk_bytes),
+                                    columns, cache_dir=cache_dir, num_threads=threads)
+        if result is not None:
+            arrays, info = result
+            return _to_data(arrays, layout, path, _meta(layout, threads, cache=info, lines=arrays["lines"]))
+    reader = _native_reader(path, layout, threads, chunk_bytes)
+    try:
+        arrays = reader.read_all()
+    except _native.ParseFailure as e:
+        raise _parse_error(path, layout, e) from None
+    info = {"status": "disabled", "path": None}
+    return _to_data(arrays, layout, path, _meta(layout, threads, cache=info, lines=arrays["end_line"] - 1))
+
+
+def _iter_chunks(path: str, layout: _Layout, num_threads: int | None, chunk_bytes: int) -> Iterator[CTRData]:
+    threads = _threads(num_threads)
+    index = 0
+    for chunk in _iter_native(path, layout, threads, chunk_bytes):
+        if chunk["sparse"].shape[0] == 0:
+            continue  # only skipped / blank lines at the end of the input
+        index += 1
+        yield _to_data(chunk, layout, path, _meta(layout, threads, chunk=index - 1, first_line=chunk["first_line"],
+                                                  end_line=chunk["end_line"], input_bytes=chunk["input_bytes"]))
+
+
+# ------------------------------------------------------------------------------------------------
+# Public readers
+
+
+def read_criteo(path: str | os.PathLike, *, format: str = "auto", int_buckets: bool = True,
+                hash_buckets: int | Sequence[int] | None = None, hash_seed: int = 0, keys: bool = False,
+                on_bad_line: str = "error", num_threads: int | None = None, cache: bool = True,
+                cache_dir: str | os.PathLike | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> CTRData:
+    """Read a Criteo TSV log (Kaggle / 1TB layout, plain or gzip).
+
+    ``format``: ``"train"`` (40 fields: label, I1..I13, C1..C26), ``"test"`` (39, no label:
+    ``labels`` is None) or ``"auto"`` (by the first non-blank line's field count).
+
+    * ``dense`` [N, 13]: :func:`hashing.signed_log1p` of I1..I13 (float64, stored float32);
+      missing -> 0 with ``dense_missing`` set.
+    * ``sparse``: with ``int_buckets`` (default) 39 fields, I1..I13 bucketed as
+      :func:`hashing.fuxictr_int_bucket` and hashed as integers, then C1..C26 (hex values);
+      without, the 26 C fields. Hash field ids are I1..I13 -> 1..13, C1..C26 -> 14..39 either way.
+    * ``hash_buckets``: None (per-kind defaults of :mod:`hashing`), one int, or one per field.
+    * ``keys=True``: ``sparse`` holds each value's raw 64-bit hash key (its bit pattern in int64)
+      instead of a row id, for vocabulary building; 0 means missing, so a real key of 0 is
+      stored as 1. ``field_offsets`` is then all zeros (no table exists yet) and
+      ``meta["keys"]`` is True.
+    * ``num_threads``: parser threads (default: all CPUs); ``chunk_bytes``: input block size.
+    * ``cache``: keep / reuse a verified, memory-mapped binary copy (:mod:`mlfast.cache`) in
+      ``cache_dir`` (default ``$MLFAST_CACHE_DIR`` or ``~/.cache/mlfast``); ``meta["cache"]``
+      says whether it was a hit, a miss or a rebuild.
+
+    Example::
+
+        >>> d = read_criteo("../shared/datasets_raw/criteo_kaggle_head10k/train_head10000.txt", cache=False)
+        >>> d.labels.shape, d.table_rows, d.meta["cache"]["status"]
+        ((10000,), 3421223, 'disabled')
+    """
+    p = _check_path(path)
+    layout = _criteo_layout(_detect_criteo(p, format), int_buckets, hash_buckets, hash_seed, keys, on_bad_line)
+    return _read(p, layout, num_threads, cache, cache_dir, chunk_bytes)
+
+
+def iter_criteo_chunks(path: str | os.PathLike, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES, format: str = "auto",
+                       int_buckets: bool = True, hash_buckets: int | Sequence[int] | None = None,
+                       hash_seed: int = 0, keys: bool = False, on_bad_line: str = "error",
+                       num_threads: int | None = None) -> Iterator[CTRData]:
+    """Stream a Criteo log as CTRData chunks of about ``chunk_bytes`` of input each (never cached).
+
+    Same options and output as :func:`read_criteo`; concatenating the chunks gives its arrays.
+    ``meta`` carries ``chunk``, ``first_line`` and ``end_line`` (1-based, end exclusive).
+
+    Example::
+
+        >>> path = "../shared/datasets_raw/criteo_kaggle_head10k/train_head10000.txt"
+        >>> sum(len(c) for c in iter_criteo_chunks(path, chunk_bytes=1 << 20))
+        10000
+    """
+    p = _check_path(path)
+    layout = _criteo_layout(_detect_criteo(p, format), int_buckets, hash_buckets, hash_seed, keys, on_bad_line)
+    return _iter_chunks(p, layout, num_threads, chunk_bytes)
+
+
+def read_avazu(path: str | os.PathLike, *, format: str = "auto", header: bool | None = None,
+               hash_buckets: int | Sequence[int] | None = None, hash_seed: int = 0, keys: bool = False,
+               on_bad_line: str = "error", num_threads: int | None = None, cache: bool = True,
+               cache_dir: str | os.PathLike | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> CTRData:
+    """Read an Avazu CSV log (train: 24 columns with ``click``; test: 23 without).
+
+    ``header=None`` requires the Avazu header and takes train/test from it; ``header=False``
+    reads a file without one (train/test by the field count, or ``format``). ``id`` is dropped,
+    ``click`` is the label, ``hour`` (YYMMDDHH) becomes three fields ``hour`` (0-23), ``weekday``
+    (0 = Monday) and ``weekend`` (0/1) hashed as integers with field ids 101-103; every other
+    column is a text categorical (``fnv1a64``) whose field id is its 1-based column number in the
+    24-column train layout. No dense features. Other options as :func:`read_criteo`.
+
+    Example::
+
+        >>> d = read_avazu("../shared/datasets_raw/avazu_head10k/avazu_train_head10k.csv", cache=False)
+        >>> d.field_names[:4], d.num_dense
+        (['hour', 'weekday', 'weekend', 'C1'], 0)
+    """
+    p = _check_path(path)
+    fmt, has_header = _detect_avazu(p, format, header)
+    layout = _avazu_layout(fmt, has_header, hash_buckets, hash_seed, keys, on_bad_line)
+    return _read(p, layout, num_threads, cache, cache_dir, chunk_bytes)
+
+
+def iter_avazu_chunks(path: str | os.PathLike, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES, format: str = "auto",
+                      header: bool | None = None, hash_buckets: int | Sequence[int] | None = None,
+                      hash_seed: int = 0, keys: bool = False, on_bad_line: str = "error",
+                      num_threads: int | None = None) -> Iterator[CTRData]:
+    """Stream an Avazu log as CTRData chunks (see :func:`read_avazu`, :func:`iter_criteo_chunks`).
+
+    Example::
+
+        >>> path = "../shared/datasets_raw/avazu_head10k/avazu_train_head10k.csv"
+        >>> sum(len(c) for c in iter_avazu_chunks(path, chunk_bytes=1 << 18))
+        9999
+    """
+    p = _check_path(path)
+    fmt, has_header = _detect_avazu(p, format, header)
+    layout = _avazu_layout(fmt, has_header, hash_buckets, hash_seed, keys, on_bad_line)
+    return _iter_chunks(p, layout, num_threads, chunk_bytes)
+
+
+def read_delimited(path: str | os.PathLike, schema: DelimitedSchema, *,
+                   hash_buckets: int | Sequence[int] | None = None, hash_seed: int = 0, keys: bool = False,
+                   on_bad_line: str = "error", num_threads: int | None = None, cache: bool = True,
+                   cache_dir: str | os.PathLike | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> CTRData:
+    """Read any delimited log under a :class:`DelimitedSchema` (other options as :func:`read_criteo`).
+
+    Example::
+
+        >>> s = DelimitedSchema(label="clk", numeric=["price"], categorical=["userid", "adgroup_id", "pid"])
+        >>> d = read_delimited("../shared/datasets_raw/taobao_ad_tiny_fuxictr/train_sample.csv", s, cache=False)
+        >>> d.sparse.shape, d.dense_names
+        ((100, 3), ['price'])
+    """
+    p = _check_path(path)
+    layout = _delimited_layout(p, schema, hash_buckets, hash_seed, keys, on_bad_line)
+    return _read(p, layout, num_threads, cache, cache_dir, chunk_bytes)
+
+
+def iter_delimited_chunks(path: str | os.PathLike, schema: DelimitedSchema, *,
+                          chunk_bytes: int = DEFAULT_CHUNK_BYTES, hash_buckets: int | Sequence[int] | None = None,
+                          hash_seed: int = 0, keys: bool = False, on_bad_line: str = "error",
+                          num_threads: int | None = None) -> Iterator[CTRData]:
+    """Stream a delimited log as CTRData chunks (see :func:`read_delimited`).
+
+    Example::
+
+        >>> s = DelimitedSchema(label="clk", categorical=["userid"])
+        >>> path = "../shared/datasets_raw/taobao_ad_tiny_fuxictr/train_sample.csv"
+        >>> [len(c) for c in iter_delimited_chunks(path, s)]
+        [100]
+    """
+    p = _check_path(path)
+    layout = _delimited_layout(p, schema, hash_buckets, hash_seed, keys, on_bad_line)
+    return _iter_chunks(p, layout, num_threads, chunk_bytes)
+
+
+def release_memory() -> int:
+    """Give back the memory the reader keeps for reuse; returns how many bytes.
+
+    Arrays the reader returned go, once dropped, to a small native pool (at most 1 GiB, or 1/16 of
+    the RAM) that later reads and chunks take their buffers from, so they skip the cost of
+    faulting in fresh pages. Call this after the last read to return that memory to the system.
+
+    Example::
+
+        >>> _ = read_criteo("../shared/datasets_raw/paddlerec_criteo_tiny/part-0.txt", cache=False)
+        >>> release_memory() >= 0
+        True
+    """
+    return int(_native.release_memory())
+
+
+def read(path: str | os.PathLike, format: str = "auto", **kw: Any) -> CTRData:
+    """Read a click log, telling its format from the first line when ``format="auto"``.
+
+    Criteo: tab-separated with 40 (train) or 39 (test) fields. Avazu: the Avazu header, or 24
+    comma-separated fields without one. Anything else needs ``format="delimited"`` and a
+    ``schema=DelimitedSchema(...)``. ``format`` may also name the reader (``"criteo"``,
+    ``"avazu"``), a Criteo layout (``"train"``, ``"test"``) or a ``meta["format"]`` value
+    (``"criteo-train"``, ``"avazu-test"``, ...). Keyword arguments go to the chosen reader;
+    ``int_buckets`` only concerns Criteo and is ignored for the others.
+
+    Example::
+
+        >>> read("../shared/datasets_raw/avazu_head10k/avazu_train_head10k.csv", cache=False).meta["format"]
+        'avazu-train'
+    """
+    p = _check_path(path)
+    family, _, layout = format.partition("-")
+    if family in ("train", "test") and not layout:
+        family, layout = "criteo", family
+    if family == "criteo" and layout in ("", "train", "test"):
+        return read_criteo(p, format=layout or "auto", **kw)
+    not_criteo = {k: v for k, v in kw.items() if k != "int_buckets"}
+    if family == "avazu" and layout in ("", "train", "test"):
+        return read_avazu(p, format=layout or "auto", **not_criteo)
+    if format == "delimited":
+        if "schema" not in not_criteo:
+            raise ValueError("format='delimited' needs schema=DelimitedSchema(...)")
+        return read_delimited(p, not_criteo.pop("schema"), **not_criteo)
+    if format != "auto":
+        raise ValueError(f"format must be 'auto', 'criteo', 'train', 'test', 'avazu', 'delimited' or a "
+                         f"meta['format'] value such as 'criteo-train', got {format!r}")
+    line_no, line = _first_line(p)
+    if b"\t" in line and line.count(b"\t") + 1 in (39, 40):
+        return read_criteo(p, **kw)
+    if line.split(b",")[:3] in ([b"id", b"click", b"hour"], [b"id", b"hour", b"C1"]):
+        return read_avazu(p, **not_criteo)
+    if line.count(b",") + 1 == 24:
+        return read_avazu(p, **{"header": False, **not_criteo})
+    raise ValueError(f"{p}: cannot tell the format from line {line_no} ({_show(line[:80])}): not Criteo "
+                     "(39/40 tab-separated fields) nor Avazu (its header, or 24 comma-separated fields). "
+                     "Use read_delimited(path, DelimitedSchema(...)) or read(path, format='delimited', schema=...)")
