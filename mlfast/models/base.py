@@ -10,8 +10,10 @@ Models never touch devices, optimizers or precision: the trainer owns those.
 """
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import inspect
+import types
 import typing
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Sequence
@@ -85,6 +87,9 @@ class CTRModel(nn.Module):
 
     name: ClassVar[str] = ""
     uses_linear: ClassVar[bool] = False  # the table gets one extra column: first-order weights
+    # False only for models without embedding vectors (LR): their rows are just the linear weight,
+    # so a 1.8M-row table is not 17x larger than what the model reads.
+    uses_vectors: ClassVar[bool] = True
 
     def __init__(self, schema: FeatureSchema, embedding_dim: int = 16):
         super().__init__()
@@ -96,7 +101,7 @@ class CTRModel(nn.Module):
 
     @property
     def embedding_width(self) -> int:
-        return self.embedding_dim + (1 if self.uses_linear else 0)
+        return (self.embedding_dim if self.uses_vectors else 0) + (1 if self.uses_linear else 0)
 
     def forward(self, sparse: torch.Tensor, dense: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B] for global ids ``sparse`` [B, F] (and ``dense`` [B, num_dense])."""
@@ -108,15 +113,52 @@ class CTRModel(nn.Module):
 
     def split_embedded(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(vectors [B, F, D], first-order weights [B, F] or None) from looked-up rows."""
+        if emb.shape[-1] != self.embedding_width:
+            raise ValueError(
+                f"{self.name}: embedded rows must be [B, F, {self.embedding_width}], got {tuple(emb.shape)}"
+            )
         if self.uses_linear:
-            return emb[..., : self.embedding_dim], emb[..., self.embedding_dim]
+            return emb[..., :-1], emb[..., -1]
         return emb, None
+
+    def dense_input(self, dense: torch.Tensor | None) -> torch.Tensor | None:
+        """``dense`` checked against the schema, or None when the model reads no dense features."""
+        nd = self.schema.num_dense
+        if nd == 0:
+            return None
+        if dense is None or dense.ndim != 2 or dense.shape[1] != nd:
+            got = None if dense is None else tuple(dense.shape)
+            raise ValueError(f"{self.name}: the schema has {nd} dense features; expected dense [B, {nd}], got {got}")
+        return dense
 
 
 # ---------------------------------------------------------------------------------------------
 # Registry and peer specs ("dcn:layers=4,dropout=0.1")
 
 MODELS: dict[str, type[CTRModel]] = {}
+
+# Other names the literature and FuxiCTR use for the registered models.
+ALIASES: dict[str, str] = {
+    "pnn": "ipnn",
+    "wide_deep": "widedeep",
+    "wide&deep": "widedeep",
+    "wdl": "widedeep",
+    "autoint+": "autoint",
+    "autointplus": "autoint",
+    "dcn_v2": "dcnv2",
+    "dcn-v2": "dcnv2",
+    "logistic": "lr",
+}
+
+
+def canonical_name(name: str) -> str:
+    """The registered name for ``name`` or one of its aliases (case-insensitive)."""
+    key = name.strip().lower()
+    key = ALIASES.get(key, key)
+    if key not in MODELS:
+        raise ValueError(f"unknown peer {name!r}; available: {', '.join(sorted(MODELS))}"
+                         f" (aliases: {', '.join(sorted(ALIASES))})")
+    return key
 
 
 def register(cls: type[CTRModel]) -> type[CTRModel]:
@@ -166,50 +208,60 @@ def _option_types(cls: type[CTRModel]) -> dict[str, tuple[Any, Any]]:
 
 
 def _convert(text: str, annotation: Any, model: str, key: str) -> Any:
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
+    """The option value ``text`` as ``annotation`` (bool, int, float, str, tuple[X, ...],
+    Literal[...], Optional[X]); ValueError naming the peer, option and bad value otherwise."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    value: Any = None
     try:
-        if annotation is bool:
-            low = text.lower()
-            if low in ("1", "true", "yes", "on"):
-                return True
-            if low in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if annotation in (int, float, str):
-            return annotation(text)
-        if origin in (tuple, list, Sequence, typing.Sequence) or annotation in (tuple, list):
-            elem = args[0] if args else int
-            parts = [p for p in text.replace("x", "-").split("-") if p] if elem is int else text.split("-")
-            return tuple(elem(p) for p in parts)
-        if origin is typing.Union and type(None) in args:  # Optional[X]
+        if origin in (typing.Union, types.UnionType) and type(None) in args:  # Optional[X] / X | None
             if text.lower() in ("none", ""):
                 return None
-            return _convert(text, next(a for a in args if a is not type(None)), model, key)
-        if origin is typing.Literal:
+            inner = [a for a in args if a is not type(None)]
+            return _convert(text, inner[0], model, key)
+        if annotation is bool:
+            value = {"1": True, "true": True, "yes": True, "on": True,
+                     "0": False, "false": False, "no": False, "off": False}[text.lower()]
+        elif annotation in (int, float, str):
+            value = annotation(text)
+        elif origin in (tuple, list, collections.abc.Sequence) or annotation in (tuple, list):
+            elem = args[0] if args else int
+            # "400-400-400" (or "400x400"); an empty value is the empty tuple (no hidden layers).
+            parts = text.replace("x", "-").split("-") if elem in (int, float) else text.split("-")
+            value = tuple(elem(p) for p in parts if p)
+        elif origin is typing.Literal:
             if text not in args:
-                raise ValueError
-            return text
-    except (ValueError, TypeError):
-        pass
-    else:
-        if origin is not typing.Literal:
-            return text
-    raise ValueError(f"peer {model!r}: option {key}={text!r} is not a valid {_type_name(annotation)}")
+                raise ValueError(text)
+            value = text
+        else:
+            raise TypeError(f"option {key} of {model!r} has an unsupported annotation {annotation!r}")
+    except (ValueError, KeyError):
+        raise ValueError(
+            f"peer {model!r}: option {key}={text!r} is not a valid {_type_name(annotation)}"
+        ) from None
+    return value
 
 
 def _type_name(annotation: Any) -> str:
-    if typing.get_origin(annotation) is typing.Literal:
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
         return "one of " + "|".join(typing.get_args(annotation))
+    if origin in (tuple, list, collections.abc.Sequence):
+        elem = (typing.get_args(annotation) or (int,))[0]
+        return f"'-'-separated list of {getattr(elem, '__name__', elem)}"
     return getattr(annotation, "__name__", str(annotation))
 
 
 def parse_peer(text: str) -> PeerSpec:
-    """Parse ``"name"`` or ``"name:key=value,key=value"`` against the registry (no ``eval``)."""
+    """Parse ``"name"`` or ``"name:key=value,key=value"`` against the registry (no ``eval``).
+
+    Example::
+
+        >>> from mlfast.models import parse_peer
+        >>> parse_peer("dcn:layers=4,mlp=256-256")
+        PeerSpec(model='dcn', options={'layers': 4, 'mlp': (256, 256)}, label='')
+    """
     name, _, rest = text.strip().partition(":")
-    name = name.strip().lower()
-    if name not in MODELS:
-        raise ValueError(f"unknown peer {name!r}; available: {', '.join(sorted(MODELS))}")
+    name = canonical_name(name)
     types = _option_types(MODELS[name])
     options: dict[str, Any] = {}
     for item in filter(None, (s.strip() for s in rest.split(","))) if rest else ():
@@ -228,6 +280,12 @@ def parse_peers(items: str | Sequence[str | PeerSpec]) -> list[PeerSpec]:
 
     A comma starts a new peer unless what follows is ``key=value`` (an option of the previous one).
     The same model twice gets labels ``dcn`` and ``dcn_2``.
+
+    Example::
+
+        >>> from mlfast.models import parse_peers
+        >>> [p.label for p in parse_peers("deepfm,dcn:layers=4,dropout=0.1,dcn")]
+        ['deepfm', 'dcn', 'dcn_2']
     """
     if isinstance(items, str):
         chunks: list[str] = []
@@ -237,7 +295,7 @@ def parse_peers(items: str | Sequence[str | PeerSpec]) -> list[PeerSpec]:
             else:
                 chunks.append(part)
         items = [c for c in (c.strip() for c in chunks) if c]
-    specs = [it if isinstance(it, PeerSpec) else parse_peer(it) for it in items]
+    specs = [_checked(it) if isinstance(it, PeerSpec) else parse_peer(it) for it in items]
     if not specs:
         raise ValueError("no peers given")
     seen: dict[str, int] = {}
@@ -249,10 +307,27 @@ def parse_peers(items: str | Sequence[str | PeerSpec]) -> list[PeerSpec]:
     return out
 
 
+def _checked(spec: PeerSpec) -> PeerSpec:
+    """A programmatic PeerSpec with its model name canonical and its option names known."""
+    name = canonical_name(spec.model)
+    types = _option_types(MODELS[name])
+    unknown = sorted(set(spec.options) - set(types))
+    if unknown:
+        raise ValueError(f"peer {name!r}: unknown option(s) {', '.join(unknown)}; options: {', '.join(sorted(types))}")
+    return spec if name == spec.model else dataclasses.replace(spec, model=name)
+
+
 def build_model(spec: PeerSpec | str, schema: FeatureSchema, embedding_dim: int | None = None) -> CTRModel:
-    """Instantiate a registered model; ``embedding_dim`` applies unless the spec sets its own."""
-    if isinstance(spec, str):
-        spec = parse_peer(spec)
+    """Instantiate a registered model; ``embedding_dim`` applies unless the spec sets its own.
+
+    Example::
+
+        >>> from mlfast.models import FeatureSchema, build_model
+        >>> m = build_model("deepfm:mlp=32-32", FeatureSchema((0, 10, 25, 40)), embedding_dim=8)
+        >>> m(torch.tensor([[1, 12, 30], [0, 11, 39]])).shape
+        torch.Size([2])
+    """
+    spec = parse_peer(spec) if isinstance(spec, str) else _checked(spec)
     opts = dict(spec.options)
     if embedding_dim is not None and "embedding_dim" not in opts:
         opts["embedding_dim"] = embedding_dim

@@ -1,0 +1,40 @@
+"""Wide & Deep (Cheng et al., 2016): a linear model plus an MLP over the embeddings."""
+from __future__ import annotations
+
+import torch
+
+from .base import CTRModel, FeatureSchema, register
+from .blocks import MLP, LinearTerm, concat_dense
+
+
+@register
+class WideDeep(CTRModel):
+    """logit = b + sum_f w_f + MLP([v_1..v_F, dense]). Aliases: ``wide_deep``, ``wdl``.
+
+    Example::
+
+        >>> m = WideDeep(FeatureSchema((0, 5, 9)), embedding_dim=4, mlp=(8,)).eval()
+        >>> m(torch.tensor([[1, 6], [0, 8]])).shape
+        torch.Size([2])
+    """
+
+    name = "widedeep"
+    uses_linear = True
+
+    def __init__(
+        self,
+        schema: FeatureSchema,
+        embedding_dim: int = 16,
+        mlp: tuple[int, ...] = (400, 400, 400),
+        dropout: float = 0.2,
+        batch_norm: bool = True,
+    ):
+        super().__init__(schema, embedding_dim)
+        self.linear = LinearTerm()
+        in_dim = schema.num_fields * embedding_dim + schema.num_dense
+        self.mlp = MLP(in_dim, mlp, output_dim=1, dropout=dropout, batch_norm=batch_norm)
+
+    def forward_embedded(self, emb: torch.Tensor, dense: torch.Tensor | None = None) -> torch.Tensor:
+        v, w = self.split_embedded(emb)
+        deep = self.mlp(concat_dense(v.flatten(1), self.dense_input(dense))).squeeze(1)
+        return self.linear(w) + deep
