@@ -108,3 +108,86 @@ def mutual_loss_grad(
         t = t * (~torch.eye(P, dtype=torch.bool, device=z.device))
         g = g + alpha / (P - 1) * t.sum(2)
     return (g / B).to(logits.dtype)
+
+
+MUTUAL_BACKENDS = ("auto", "triton", "reference")
+
+
+def fused_mutual_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    alpha: float | torch.Tensor = 1.0,
+    kind: str = "kl",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``mutual_loss`` through the fused Triton kernel where it can run, else the reference.
+
+    ``backend``: ``"auto"`` uses the kernel (``mlfast.kernels.mutual_loss``: one launch for the loss
+    and its gradient) on CUDA tensors when Triton is installed and the reference otherwise;
+    ``"triton"`` always uses the kernel (CPU tensors then need ``TRITON_INTERPRET=1`` set before
+    triton is imported); ``"reference"`` always uses ``mutual_loss``. The kernel returns an fp32
+    loss, computes in fp32 whatever the logits' dtype, reads a tensor ``alpha`` on the device and
+    gives no gradient to ``alpha``.
+
+    Example::
+
+        >>> z = torch.randn(8, 2, requires_grad=True); y = torch.randint(0, 2, (8,)).float()
+        >>> fused_mutual_loss(z, y, alpha=0.5, kind="kl").backward()   # CPU: the reference
+    """
+    if backend not in MUTUAL_BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(MUTUAL_BACKENDS)}")
+    if backend == "auto":
+        backend = "triton" if logits.is_cuda and _triton_available() else "reference"
+    if backend == "reference":
+        return mutual_loss(logits, labels, alpha, kind)
+    from mlfast.kernels.mutual_loss import MutualLossFunction
+
+    return MutualLossFunction.apply(logits, labels, alpha, kind)
+
+
+_TRITON_AVAILABLE: bool | None = None
+
+
+def _triton_available() -> bool:
+    global _TRITON_AVAILABLE
+    if _TRITON_AVAILABLE is None:  # probed once: the loss runs every step
+        try:
+            import triton  # noqa: F401
+            _TRITON_AVAILABLE = True
+        except ImportError:
+            _TRITON_AVAILABLE = False
+    return _TRITON_AVAILABLE
+
+
+class MutualLoss(torch.nn.Module):
+    """The mutual-learning loss as a module (``fused_mutual_loss`` with a fixed kind and alpha).
+
+    ``alpha`` may be a float or a 1-element tensor (registered as a buffer, so it follows
+    ``.to(device)`` and the trainer can ramp it in place inside a CUDA graph); ``forward`` also
+    accepts an ``alpha`` overriding it for one call.
+
+    Example::
+
+        >>> loss_fn = MutualLoss(kind="symkl", alpha=0.5)
+        >>> z = torch.randn(8, 3, requires_grad=True); y = torch.randint(0, 2, (8,)).float()
+        >>> loss_fn(z, y).backward()
+    """
+
+    def __init__(self, kind: str = "kl", alpha: float | torch.Tensor = 1.0, backend: str = "auto") -> None:
+        super().__init__()
+        if kind not in MUTUAL_KINDS:
+            raise ValueError(f"unknown mutual loss {kind!r}; expected one of {', '.join(MUTUAL_KINDS)}")
+        if backend not in MUTUAL_BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(MUTUAL_BACKENDS)}")
+        self.kind, self.backend = kind, backend
+        if isinstance(alpha, torch.Tensor):
+            self.register_buffer("alpha", alpha.detach().reshape(()).float())
+        else:
+            self.alpha = float(alpha)
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor,
+                alpha: float | torch.Tensor | None = None) -> torch.Tensor:
+        return fused_mutual_loss(logits, labels, self.alpha if alpha is None else alpha, self.kind, self.backend)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, backend={self.backend!r}"

@@ -1,0 +1,271 @@
+"""The peers' embedding tables interleaved in one buffer, with the sparse optimizer fused into autograd.
+
+``PeerTables`` holds ``weight`` [V, Wtot] (peer p owns columns ``off_p : off_p + W_p``), the
+optimizer configuration and its device state. ``lookup(ids)`` returns each peer's rows [B, F, W_p]
+through ``PeerLookupFunction``; the backward of that function applies the optimizer step to the
+looked-up rows in place and returns no gradient for the table, so no dense [V, Wtot] gradient
+ever exists and the trainer's dense optimizer never sees the table.
+
+Backends (``backend=``): ``"triton"`` (the fused kernels of ``embedding_bag`` / ``sparse_update``;
+the default on CUDA; CPU tensors need the Triton interpreter), ``"cpu"`` (torch gather forward,
+``mlfast.cpu_sparse.sparse_update`` backward; the default on the CPU) and ``"reference"`` (torch
+gather, ``mlfast.sparse_optim.sparse_update_reference``).
+
+Use one ``lookup`` per training step: each backward is one optimizer step (the step counter t
+advances once per backward, as a dense optimizer's ``step()``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import torch
+
+from mlfast.models.base import EMBEDDING_INIT_STD
+from mlfast.sparse_optim import SparseOptimConfig, SparseOptimState, sparse_update_reference
+
+from .embedding_bag import _check_widths, embedding_forward, peer_offsets
+from .sparse_update import DeviceOptimState, sparse_update
+
+__all__ = ["PeerTables", "PeerLookupFunction", "BACKENDS"]
+
+BACKENDS = ("triton", "cpu", "reference")
+
+
+def _cpu_sparse_update():
+    """``mlfast.cpu_sparse.sparse_update`` (numba) when installed, else the plain reference."""
+    try:
+        from mlfast.cpu_sparse import sparse_update as fn
+    except ImportError:
+        return sparse_update_reference
+    return fn
+
+
+class PeerLookupFunction(torch.autograd.Function):
+    """ids [*] -> P tensors [*, W_p]; backward = the fused sparse optimizer step, no table gradient.
+
+    ``anchor`` is an empty tensor that requires grad: it makes autograd record this node (the
+    table itself is a plain buffer, not a parameter) and receives no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, anchor: torch.Tensor, ids: torch.Tensor, tables: "PeerTables"):
+        ctx.tables = tables
+        ctx.save_for_backward(ids)
+        ctx.set_materialize_grads(False)  # an unused peer's None gradient becomes a stride-0 zero
+        return tuple(tables._gather(ids))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        (ids,) = ctx.saved_tensors
+        tables: PeerTables = ctx.tables
+        full = []
+        for g, w in zip(grads, tables.widths):
+            if g is None:
+                g = torch.zeros((), dtype=torch.float32, device=ids.device).expand(*ids.shape, w)
+            full.append(g)
+        tables.apply_gradients(ids, full)
+        return None, None, None
+
+
+class PeerTables:
+    """P peers' embedding tables interleaved in one [V, sum(widths)] buffer, with a fused optimizer.
+
+    Example::
+
+        >>> import torch
+        >>> from mlfast.sparse_optim import SparseOptimConfig
+        >>> deepfm, dcn = torch.randn(1000, 17), torch.randn(1000, 16)
+        >>> t = PeerTables.from_peer_weights([deepfm, dcn], SparseOptimConfig("adam", lr=1e-3))
+        >>> e1, e2 = t.lookup(torch.randint(0, 1000, (8, 39)))
+        >>> e1.shape, e2.shape
+        (torch.Size([8, 39, 17]), torch.Size([8, 39, 16]))
+        >>> (e1.sum() + 2 * e2.sum()).backward()   # rows updated in place, t.step_count == 1
+        >>> torch.equal(t.peer_weight(1), dcn)
+        False
+    """
+
+    def __init__(self, weight: torch.Tensor, widths: Sequence[int], cfg: SparseOptimConfig | None = None,
+                 labels: Sequence[str] | None = None, backend: str | None = None,
+                 deterministic: bool = True, out_dtype: torch.dtype | None = None):
+        if weight.ndim != 2 or not weight.is_contiguous() or weight.dtype != torch.float32:
+            raise ValueError(f"weight must be a contiguous float32 [V, Wtot] table, got {weight.dtype} "
+                             f"{tuple(weight.shape)}{'' if weight.is_contiguous() else ' (not contiguous)'}")
+        self.weight = weight.detach()
+        self.widths = _check_widths(widths, weight.shape[1])
+        self.offsets = peer_offsets(self.widths)
+        self.labels = tuple(labels) if labels is not None else tuple(f"peer{i}" for i in range(len(self.widths)))
+        if len(self.labels) != len(self.widths):
+            raise ValueError(f"{len(self.labels)} labels for {len(self.widths)} peers")
+        self.cfg = cfg or SparseOptimConfig()
+        backend = backend or ("triton" if weight.is_cuda else "cpu")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+        self.backend = backend
+        self.deterministic = bool(deterministic)
+        self.out_dtype = out_dtype
+        self.state = DeviceOptimState.create(self.weight, self.widths, self.cfg)
+        self._anchor = torch.empty(0, device=weight.device, requires_grad=True)
+
+    # construction ----------------------------------------------------------------------------
+    @classmethod
+    def from_peer_weights(cls, weights: Sequence[torch.Tensor], cfg: SparseOptimConfig | None = None,
+                          labels: Sequence[str] | None = None, **kwargs) -> "PeerTables":
+        """Interleave each model's own table [V, W_p] (copied) into one buffer.
+
+        Example::
+
+            >>> t = PeerTables.from_peer_weights([torch.zeros(10, 17), torch.ones(10, 16)])
+            >>> t.weight.shape, t.widths
+            (torch.Size([10, 33]), (17, 16))
+        """
+        weights = [w.detach() for w in weights]
+        if not weights:
+            raise ValueError("no peer tables given")
+        V, dev = weights[0].shape[0], weights[0].device
+        for i, w in enumerate(weights):
+            if w.ndim != 2 or w.shape[0] != V or w.device != dev:
+                raise ValueError(f"peer table {i} must be [V={V}, W] on {dev}, got {tuple(w.shape)} on {w.device}")
+        weight = torch.cat([w.float() for w in weights], dim=1).contiguous()
+        return cls(weight, [w.shape[1] for w in weights], cfg, labels, **kwargs)
+
+    @classmethod
+    def create(cls, num_rows: int, widths: Sequence[int], cfg: SparseOptimConfig | None = None,
+               device=None, init_std: float = EMBEDDING_INIT_STD, generator: torch.Generator | None = None,
+               **kwargs) -> "PeerTables":
+        """Fresh tables, N(0, init_std) as the models' own initialiser.
+
+        Example::
+
+            >>> PeerTables.create(100, (17, 16)).weight.shape
+            torch.Size([100, 33])
+        """
+        ws = _check_widths(widths)
+        w = torch.randn(num_rows, sum(ws), generator=generator) * init_std
+        return cls(w.to(device) if device is not None else w, ws, cfg, **kwargs)
+
+    # properties ------------------------------------------------------------------------------
+    @property
+    def num_rows(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def num_peers(self) -> int:
+        return len(self.widths)
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device
+
+    @property
+    def step_count(self) -> int:
+        """Updates applied so far (reads the device counter: a host sync)."""
+        return int(self.state.step.item())
+
+    def _peer_index(self, p: int | str) -> int:
+        if isinstance(p, str):
+            if p not in self.labels:
+                raise KeyError(f"no peer labelled {p!r}; labels: {self.labels}")
+            return self.labels.index(p)
+        if not -self.num_peers <= p < self.num_peers:
+            raise IndexError(f"peer {p} out of range for {self.num_peers} peers")
+        return p % self.num_peers
+
+    def _columns(self, p: int | str) -> slice:
+        i = self._peer_index(p)
+        return slice(self.offsets[i], self.offsets[i] + self.widths[i])
+
+    # lookup and update -----------------------------------------------------------------------
+    def _gather(self, ids: torch.Tensor) -> list[torch.Tensor]:
+        if self.backend == "triton":
+            return embedding_forward(self.weight, ids, self.widths, self.out_dtype)
+        rows = self.weight.index_select(0, ids.reshape(-1)).view(*ids.shape, -1)
+        dtype = self.out_dtype or self.weight.dtype
+        return [rows[..., c].contiguous().to(dtype) for c in map(self._columns, range(self.num_peers))]
+
+    def lookup(self, ids: torch.Tensor, requires_grad: bool | None = None) -> list[torch.Tensor]:
+        """Each peer's rows ``[*ids.shape, W_p]`` for global ids (int64), in one pass.
+
+        With gradients enabled (default: ``torch.is_grad_enabled()``), the backward of the outputs
+        applies the optimizer step to the looked-up rows. ``requires_grad=False`` only reads.
+        """
+        if requires_grad is None:
+            requires_grad = torch.is_grad_enabled()
+        if not requires_grad:
+            with torch.no_grad():
+                return self._gather(ids)
+        return list(PeerLookupFunction.apply(self._anchor, ids, self))
+
+    @torch.no_grad()
+    def apply_gradients(self, ids: torch.Tensor, grads: Sequence[torch.Tensor]) -> None:
+        """One optimizer step from the gradients of a lookup of ``ids`` (one tensor per peer,
+        [*ids.shape, W_p]); what ``lookup``'s backward calls."""
+        if self.backend == "triton":
+            sparse_update(self.weight, ids, grads, self.widths, self.state, self.cfg, self.deterministic)
+            return
+        N = ids.numel()
+        flat = torch.cat([g.reshape(N, w).float() for g, w in zip(grads, self.widths)], dim=1)
+        ref = SparseOptimState(step=int(self.state.step.item()), sum_sq=self.state.sum_sq,
+                               exp_avg=self.state.exp_avg, exp_avg_sq=self.state.exp_avg_sq,
+                               segments=self.widths)
+        cfg = dataclasses.replace(self.cfg, lr=float(self.state.lr.item()))
+        fn = _cpu_sparse_update() if self.backend == "cpu" else sparse_update_reference
+        fn(self.weight, ids.reshape(-1), flat, ref, cfg)
+        self.state.step.fill_(ref.step)
+
+    def set_lr(self, lr: float) -> None:
+        """Learning rate of the next updates (in place on the device: captured graphs follow)."""
+        self.state.lr.fill_(lr)
+
+    # per-model tables ------------------------------------------------------------------------
+    def peer_weight(self, p: int | str) -> torch.Tensor:
+        """A contiguous copy of peer ``p``'s own table [V, W_p] (index or label)."""
+        return self.weight[:, self._columns(p)].clone()
+
+    @torch.no_grad()
+    def set_peer_weight(self, p: int | str, weight: torch.Tensor) -> None:
+        """Overwrite peer ``p``'s table with a model's own [V, W_p] table (its optimizer state stays)."""
+        cols = self._columns(p)
+        expected = (self.num_rows, cols.stop - cols.start)
+        if tuple(weight.shape) != expected:
+            raise ValueError(f"peer {p!r} table must be {list(expected)}, got {list(weight.shape)}")
+        self.weight[:, cols].copy_(weight)
+
+    # checkpoints -----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Table, layout, optimizer configuration and state (tensors are not copied)."""
+        return {
+            "weight": self.weight, "widths": list(self.widths), "labels": list(self.labels),
+            "optimizer": dataclasses.asdict(self.cfg), "step": self.step_count,
+            "lr": float(self.state.lr.item()), "sum_sq": self.state.sum_sq,
+            "exp_avg": self.state.exp_avg, "exp_avg_sq": self.state.exp_avg_sq,
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, d: dict) -> None:
+        """Restore in place (buffers keep their addresses, so a captured CUDA graph stays valid)."""
+        if tuple(d["widths"]) != self.widths:
+            raise ValueError(f"checkpoint tables have widths {tuple(d['widths'])}, these have {self.widths}")
+        if d["optimizer"]["kind"] != self.cfg.kind:
+            raise ValueError(f"checkpoint optimizer state is {d['optimizer']['kind']!r}, "
+                             f"these tables use {self.cfg.kind!r}")
+        self.weight.copy_(d["weight"])
+        self.state.step.fill_(int(d["step"]))
+        self.state.lr.fill_(float(d["lr"]))
+        for k in ("sum_sq", "exp_avg", "exp_avg_sq"):
+            cur = getattr(self.state, k)
+            if cur is not None:
+                if d.get(k) is None:
+                    raise ValueError(f"checkpoint has no {k} for the {self.cfg.kind} optimizer")
+                cur.copy_(d[k])
+
+    def to(self, device) -> "PeerTables":
+        """Move the table and its state to ``device`` (in place; returns self)."""
+        device = torch.device(device)
+        self.weight = self.weight.to(device)
+        for f in dataclasses.fields(self.state):
+            t = getattr(self.state, f.name)
+            if t is not None:
+                setattr(self.state, f.name, t.to(device))
+        self._anchor = torch.empty(0, device=device, requires_grad=True)
+        return self
