@@ -76,9 +76,10 @@ class FlatEmbedding(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_rows, width))
         nn.init.normal_(self.weight, std=init_std)
+        self.sparse_grad = False  # True: a sparse COO gradient (for torch's SparseAdam baseline)
 
     def forward(self, sparse: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.embedding(sparse, self.weight)
+        return torch.nn.functional.embedding(sparse, self.weight, sparse=self.sparse_grad)
 
 
 class CTRModel(nn.Module):
