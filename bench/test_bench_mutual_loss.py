@@ -140,12 +140,19 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--kinds", default="kl", help="comma-separated: kl,symkl,mse")
     parser.add_argument("--sweep", action="store_true", help="time launch configurations instead")
+    parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
     print(config())
     if args.sweep:
-        sweep(args.device)
+        rows = sweep(args.device)
     else:
-        print_table(table(args.device, tuple(args.kinds.split(","))))
+        rows = table(args.device, tuple(args.kinds.split(",")))
+        print_table(rows)
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -152,12 +152,17 @@ class FusedEngine(Engine):
 
     name = "fused"
 
-    def __init__(self, peers: nn.ModuleList, cfg: TrainConfig, device: torch.device, lr: float):
+    def __init__(self, peers: nn.ModuleList, cfg: TrainConfig, device: torch.device, lr: float,
+                 backend: str | None = None):
+        """``backend``: the table / loss kernels: "triton" (default on CUDA), "cpu" (numba; default
+        on the CPU) or "reference" (plain PyTorch). Tests run "triton" on the CPU under the
+        Triton interpreter."""
         super().__init__(peers, cfg, device, lr)
         from .kernels.peer_tables import PeerTables
 
         self.sparse_cfg = SparseOptimConfig(kind=cfg.sparse_optimizer, lr=lr, weight_decay=cfg.embedding_l2)
-        backend = "triton" if device.type == "cuda" else "cpu"
+        backend = backend or ("triton" if device.type == "cuda" else "cpu")
+        self.loss_backend = "triton" if backend == "triton" else "reference"
         weights = [m.embedding.weight.detach() for m in peers]
         self.tables = PeerTables.from_peer_weights(weights, self.sparse_cfg, backend=backend)
         # The peers keep no table of their own: the interleaved buffer is the only copy.
@@ -182,7 +187,7 @@ class FusedEngine(Engine):
 
     def _eager_step(self, sparse, dense, labels) -> torch.Tensor:
         logits = self._forward(sparse, dense)
-        loss = fused_mutual_loss(logits, labels, self.alpha, self.cfg.mutual)
+        loss = fused_mutual_loss(logits, labels, self.alpha, self.cfg.mutual, backend=self.loss_backend)
         self.optimizer.zero_grad(set_to_none=False)
         loss.backward()  # the embedding rows are updated here, inside the table's backward
         self.optimizer.step()
