@@ -208,8 +208,11 @@ class BatchLoader:
         self.seed = int(seed)
         self.drop_last = bool(drop_last)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {self.device} requested but CUDA is not available")
+        if self.device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError(f"device {self.device} requested but CUDA is not available")
+            if self.device.index is None:  # the prefetch thread must select the same device by index
+                self.device = torch.device("cuda", torch.cuda.current_device())
         self.prefetch = int(prefetch)
         self.use_dense = bool(use_dense) and data.num_dense > 0
         self._epoch = 0
