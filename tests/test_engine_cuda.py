@@ -75,4 +75,4 @@ def test_fused_gpu_auc_matches_plain_gpu_auc(tmp_path):
         auc[engine] = r.metrics["test"]["ensemble"]["auc"]
     print(f"GPU test AUC plain {auc['plain']:.4f} fused {auc['fused']:.4f} (Bayes {rep.bayes_auc:.4f})")
     assert abs(auc["plain"] - auc["fused"]) < 0.01
-    assert auc["fused"] > rep.bayes_auc - 0.02
+    assert auc["fused"] > rep.bayes_auc - 0.03  # ~0.02 below Bayes at 200k rows on the CPU
