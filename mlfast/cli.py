@@ -175,8 +175,9 @@ def _train_config(a: argparse.Namespace):
 
 def demo_data_path(rows: int = DEMO_ROWS, seed: int = 0) -> Path:
     """Where the generated demo file lives (generated once, reused)."""
-    base = Path(os.environ.get("MLFAST_CACHE_DIR", Path.home() / ".cache" / "mlfast"))
-    return base / "demo" / f"criteo_synth_{rows}_seed{seed}.tsv"
+    from .cache import default_cache_dir
+
+    return default_cache_dir() / "demo" / f"criteo_synth_{rows}_seed{seed}.tsv"
 
 
 def ensure_demo_data(rows: int = DEMO_ROWS, seed: int = 0) -> Path:

@@ -60,6 +60,8 @@ from pathlib import Path
 import numba as nb
 import numpy as np
 
+from .hashing import fmix64 as _fmix64
+
 GENERATOR_VERSION = 1
 NUM_INT = 13
 NUM_CAT = 26
@@ -278,16 +280,6 @@ class SynthReport:
 # ---------------------------------------------------------------------------------------------
 # Hashing helpers (plain Python: also the reference for the hex mapping)
 # ---------------------------------------------------------------------------------------------
-def _fmix64(k: int) -> int:
-    k &= _MASK64
-    k ^= k >> 33
-    k = (k * 0xFF51AFD7ED558CCD) & _MASK64
-    k ^= k >> 33
-    k = (k * 0xC4CEB9FE1A85EC53) & _MASK64
-    k ^= k >> 33
-    return k
-
-
 _M32A, _M32B = 0x85EBCA6B, 0xC2B2AE35
 _M32A_INV, _M32B_INV = pow(_M32A, -1, 1 << 32), pow(_M32B, -1, 1 << 32)
 
