@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import statistics
 import tempfile
@@ -33,6 +32,7 @@ import pytest
 
 from mlfast import reader
 from mlfast.synth import synth_criteo
+from bench_common import machine, quantile
 
 ROWS = int(os.environ.get("MLFAST_BENCH_ROWS", 1_000_000))
 SEED = 1
@@ -95,22 +95,6 @@ def time_cases(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, t
             walls[name].append(time.perf_counter() - t0)
             cpus[name].append(time.process_time() - c0)
     return {name: (walls[name], cpus[name], last[name]) for name in fns}
-
-
-def quantile(xs: list[float], q: float) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
-
-
-def machine() -> str:
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} CPUs, load average {load:.2f}"
 
 
 # ------------------------------------------------------------------------------------------------

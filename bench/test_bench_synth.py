@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -32,20 +31,10 @@ import torch
 from mlfast.batches import BatchLoader, gather_rows
 from mlfast.data import CTRData
 from mlfast.synth import synth_criteo
+from bench_common import machine, quantile
 
 ROWS = int(os.environ.get("MLFAST_BENCH_ROWS", 1_000_000))
 GATHER_N, GATHER_F, BATCH = 2_000_000, 39, 4096
-
-
-def machine() -> str:
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} CPUs, load average {load:.2f}"
 
 
 def synth_cases(directory: Path, rows: int) -> dict[str, Callable[[], object]]:
@@ -115,11 +104,6 @@ def time_cases(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, l
             fn()
             walls[name].append(time.perf_counter() - t0)
     return walls
-
-
-def quantile(xs: list[float], q: float) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -83,3 +83,15 @@ def np_rng(seed) -> np.random.Generator:
 def device(request) -> torch.device:
     """Parametrizes a test over ``DEVICES``."""
     return torch.device(request.param)
+
+
+@pytest.fixture(params=["cpu", "cuda"])
+def kernel_device(request) -> torch.device:
+    """Parametrizes a Triton-kernel test over the CPU (under the interpreter) and CUDA, skipping
+    whichever this process cannot run."""
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if request.param == "cpu" and not TRITON_CPU:
+        pytest.skip("Triton's interpreter is off in this process (CUDA present): rerun with "
+                    "TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES= to test the CPU path")
+    return torch.device(request.param)

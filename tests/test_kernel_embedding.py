@@ -21,7 +21,7 @@ import pytest  # noqa: E402
 pytest.importorskip("triton")
 
 import torch.nn.functional as F  # noqa: E402
-from conftest import TRITON_CPU, assert_close  # noqa: E402
+from conftest import assert_close  # noqa: E402
 
 from mlfast.kernels.embedding_bag import (  # noqa: E402
     embedding_bag_forward, embedding_forward, embedding_forward_tables, peer_offsets)
@@ -31,14 +31,9 @@ from mlfast.sparse_optim import SparseOptimConfig  # noqa: E402
 WIDTH_SETS = [(17, 16), (16,), (17, 16, 5, 9), (3, 64, 1)]
 
 
-@pytest.fixture(params=["cpu", "cuda"])
-def device(request) -> torch.device:
-    if request.param == "cuda" and not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    if request.param == "cpu" and not TRITON_CPU:
-        pytest.skip("Triton's interpreter is off in this process (CUDA present): rerun with "
-                    "TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES= to test the CPU path")
-    return torch.device(request.param)
+@pytest.fixture
+def device(kernel_device) -> torch.device:
+    return kernel_device
 
 
 def _ids(gen, shape, V):

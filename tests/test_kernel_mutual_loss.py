@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
-from conftest import TRITON_CPU, assert_close  # noqa: E402
+from conftest import assert_close  # noqa: E402
 
 from mlfast.kernels.mutual_loss import (  # noqa: E402
     KIND_IDS, MutualLossFunction, SINGLE_PROGRAM_MAX_B, mutual_loss_forward)
@@ -27,14 +27,9 @@ from mlfast.losses import (  # noqa: E402
 KINDS = tuple(KIND_IDS)
 
 
-@pytest.fixture(params=["cpu", "cuda"])
-def device(request) -> torch.device:
-    if request.param == "cuda" and not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    if request.param == "cpu" and not TRITON_CPU:
-        pytest.skip("Triton's interpreter is off in this process (CUDA present): rerun with "
-                    "TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES= to test the CPU path")
-    return torch.device(request.param)
+@pytest.fixture
+def device(kernel_device) -> torch.device:
+    return kernel_device
 
 
 def _inputs(gen, B, P, scale=3.0, dtype=torch.float32):

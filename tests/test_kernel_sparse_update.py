@@ -19,7 +19,7 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
-from conftest import TRITON_CPU, assert_close  # noqa: E402
+from conftest import assert_close  # noqa: E402
 from test_kernel_embedding import huge_table, rows_past_2_31  # noqa: E402
 
 import mlfast.kernels.sparse_update as su  # noqa: E402
@@ -30,14 +30,9 @@ KINDS = ("sgd", "adagrad", "adam")
 PATHS = {"sorted": True, "atomic": False}
 
 
-@pytest.fixture(params=["cpu", "cuda"])
-def device(request) -> torch.device:
-    if request.param == "cuda" and not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    if request.param == "cpu" and not TRITON_CPU:
-        pytest.skip("Triton's interpreter is off in this process (CUDA present): rerun with "
-                    "TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES= to test the CPU path")
-    return torch.device(request.param)
+@pytest.fixture
+def device(kernel_device) -> torch.device:
+    return kernel_device
 
 
 class Pair:
