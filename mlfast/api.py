@@ -340,7 +340,8 @@ class Session:
     def finetune(self, specs: Sequence[PeerSpec], solo_states: dict, out: Path | None, resume: bool = False):
         """All peers from their solo weights, trained mutually (the paper's step 2)."""
         cfg = self.cfg.replace(epochs=self.cfg.finetune_epochs)
-        self.log(f"fine-tuning {'+'.join(s.label for s in specs)} mutually")
+        how = "mutually" if len(specs) > 1 else "alone (control: same schedule, no peer term)"
+        self.log(f"fine-tuning {'+'.join(s.label for s in specs)} {how}")
         t, summary = self.train_group(specs, out, cfg=cfg, init_states=[solo_states[s.label] for s in specs],
                                       lr=self.cfg.finetune_lr or self.cfg.lr, resume=resume, evaluate_first=True)
         return t, self.evaluate(t), summary

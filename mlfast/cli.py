@@ -279,7 +279,7 @@ def cmd_study(a: argparse.Namespace) -> int:
     out = a.out or f"runs/study-{time.strftime('%Y%m%d-%H%M%S')}"
     kw = {k: v for k, v in cfg.to_dict().items() if k not in ("peers", "seed", "regime")}
     run_study(data, a.valid, a.test, peers=cfg.peers, groups=a.groups, seeds=seeds, split_seed=a.split_seed,
-              reader=ropts, out=out, resume=a.resume, **kw)
+              reader=ropts, out=out, resume=a.resume, control=not a.no_control, **kw)
     print(f"study directory: {out} (study.csv, study_runs.csv, study.json, study.png, every phase's run)")
     return 0
 
@@ -343,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="default (all pairs + all peers), pairs, all, or groups like deepfm+dcn,deepfm+dcn+ipnn")
     st.add_argument("--seeds", default="0", help="comma-separated training seeds (default 0)")
     st.add_argument("--split-seed", type=int, default=0, help="seed of the 8:1:1 split (fixed across seeds)")
+    st.add_argument("--no-control", action="store_true",
+                    help="skip the control (each peer fine-tuned alone for the same epochs), which "
+                         "separates the mutual term's effect from the extra training")
     st.set_defaults(func=cmd_study)
     b = sub.add_parser("bench", help="training-step throughput: mlfast vs plain PyTorch, in one run")
     b.add_argument("--impls", default="eager,compile,sparse,mlfast",

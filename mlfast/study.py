@@ -4,7 +4,12 @@ For every seed: each peer is pretrained alone with early stopping; then every re
 fine-tuned mutually starting from those solo weights (the solo phase is shared by all groups). The
 table reports, per seed, group and peer, the solo and the mutual test AUC / logloss and the
 relative change, plus each group's ensemble (mean probability) before and after; then the mean
-and standard deviation over seeds. The phases are the same code as ``mlfast train --regime
+and standard deviation over seeds.
+
+Fine-tuning also trains each peer longer, so a gain over solo mixes two effects. With ``control``
+(the default) every peer is also fine-tuned *alone* from the same solo weights, for the same
+epochs at the same learning rate (the protocol with no peer term); the ``alone`` columns and
+``mutual_vs_alone_pct`` isolate what the mutual term itself adds. The phases are the same code as ``mlfast train --regime
 finetune`` (``api.Session``), so a study's numbers equal those of the separate runs.
 """
 from __future__ import annotations
@@ -67,10 +72,11 @@ class StudyResult:
 def run_study(
     train, valid=None, test=None, *, peers: str | Sequence[str], groups: str | Sequence[Sequence[str]] = "default",
     seeds: Sequence[int] = (0,), split_seed: int = 0, reader: dict | None = None, out: str | Path | None = None,
-    resume: bool = False, log: Callable = print, **config: Any,
+    resume: bool = False, control: bool = True, log: Callable = print, **config: Any,
 ) -> StudyResult:
     """Run the protocol; ``config`` takes `TrainConfig` fields (``epochs`` for pretraining,
-    ``finetune_epochs``, ``finetune_lr``, ``alpha``, ``mutual``, ...)."""
+    ``finetune_epochs``, ``finetune_lr``, ``alpha``, ``mutual``, ...); ``control`` adds the
+    fine-tuned-alone baseline (see the module docstring)."""
     specs = parse_peers(peers)
     by_label = {s.label: s for s in specs}
     group_list = parse_groups(groups, list(by_label))
@@ -86,6 +92,12 @@ def run_study(
         seed_dir = out_dir / f"seed{seed}" if out_dir is not None else None
         log(f"seed {seed}: {len(specs)} solo runs, then {len(group_list)} mutual group(s)")
         solo_states, solo_metrics, _, solo_preds = s.pretrain(specs, seed_dir, resume)
+        alone_preds = {}
+        if control:
+            for label in dict.fromkeys(x for g in group_list for x in g):
+                adir = seed_dir / f"alone_{label}" if seed_dir is not None else None
+                t, _, _ = s.finetune([by_label[label]], solo_states, adir, resume)
+                alone_preds[label] = s.predictions(t)[split]
         for g in group_list:
             gspecs = [by_label[x] for x in g]
             gdir = seed_dir / ("mutual_" + "+".join(g)) if seed_dir is not None else None
@@ -94,13 +106,18 @@ def run_study(
             for name in list(g) + ["ensemble"]:
                 sm = solo_ens if name == "ensemble" else solo_metrics[name][split][name]
                 mm = mutual[split][name]
-                rows.append({
+                row = {
                     "seed": seed, "group": "+".join(g), "peer": name,
                     "solo_auc": sm["auc"], "mutual_auc": mm["auc"],
                     "auc_gain_pct": 100 * (mm["auc"] - sm["auc"]) / sm["auc"],
                     "solo_logloss": sm["logloss"], "mutual_logloss": mm["logloss"],
                     "logloss_change_pct": 100 * (mm["logloss"] - sm["logloss"]) / sm["logloss"],
-                })
+                }
+                if control:
+                    am = _solo_ensemble([alone_preds[x] for x in (g if name == "ensemble" else (name,))])
+                    row.update({"alone_auc": am["auc"], "alone_logloss": am["logloss"],
+                                "mutual_vs_alone_pct": 100 * (mm["auc"] - am["auc"]) / am["auc"]})
+                rows.append(row)
     summary = summarize(rows)
     result = StudyResult(rows, summary, out_dir)
     if out_dir is not None:
@@ -113,13 +130,13 @@ def run_study(
 
 
 def _solo_ensemble(preds: Sequence[tuple[np.ndarray, np.ndarray]]) -> dict:
-    """The group's ensemble before fine-tuning: mean probability of its solo peers."""
+    """Metrics of the mean probability of peers trained separately (one peer: its own metrics)."""
     ens = np.mean([p[:, 0] for p, _ in preds], axis=0)
     return peer_metrics(preds[0][1], ens[:, None], ["ensemble"])["ensemble"]
 
 
 def summarize(rows: Sequence[dict]) -> list[dict]:
-    keys = ["solo_auc", "mutual_auc", "auc_gain_pct", "solo_logloss", "mutual_logloss", "logloss_change_pct"]
+    keys = [k for k in rows[0] if k not in ("seed", "group", "peer")]
     out = []
     seen = []
     for r in rows:
@@ -141,10 +158,18 @@ def format_summary(summary: Sequence[dict]) -> str:
     def pm(d, k, digits=4):
         return f"{d[k]:.{digits}f}" + (f" ±{d[k + '_std']:.{digits}f}" if d["seeds"] > 1 else "")
 
-    return format_table(
-        ["group", "peer", "solo AUC", "mutual AUC", "AUC gain %", "solo logloss", "mutual logloss", "logloss chg %"],
-        [[d["group"], d["peer"], pm(d, "solo_auc"), pm(d, "mutual_auc"), pm(d, "auc_gain_pct", 3),
-          pm(d, "solo_logloss"), pm(d, "mutual_logloss"), pm(d, "logloss_change_pct", 3)] for d in summary])
+    control = bool(summary) and "alone_auc" in summary[0]
+    head = ["group", "peer", "solo AUC", "mutual AUC", "AUC gain %", "solo logloss", "mutual logloss", "logloss chg %"]
+    if control:
+        head += ["alone AUC", "mutual vs alone %"]
+    rows = []
+    for d in summary:
+        row = [d["group"], d["peer"], pm(d, "solo_auc"), pm(d, "mutual_auc"), pm(d, "auc_gain_pct", 3),
+               pm(d, "solo_logloss"), pm(d, "mutual_logloss"), pm(d, "logloss_change_pct", 3)]
+        if control:
+            row += [pm(d, "alone_auc"), pm(d, "mutual_vs_alone_pct", 3)]
+        rows.append(row)
+    return format_table(head, rows)
 
 
 def write_study(result: StudyResult, out: Path, split: str, meta: dict) -> None:
@@ -159,31 +184,39 @@ def write_study(result: StudyResult, out: Path, split: str, meta: dict) -> None:
 
 
 def plot_study(summary: Sequence[dict], path: Path, split: str) -> None:
-    """Relative AUC gain of mutual fine-tuning per peer, one bar group per peer group."""
+    """Relative AUC change of mutual fine-tuning per peer, one bar group per peer group: against the
+    solo peers, and (with the control) against the peers fine-tuned alone."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    panels = [("auc_gain_pct", "mutual vs solo")]
+    if summary and "mutual_vs_alone_pct" in summary[0]:
+        panels.append(("mutual_vs_alone_pct", "mutual vs fine-tuned alone"))
     groups = list(dict.fromkeys(d["group"] for d in summary))
-    fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(groups) + 2), 4))
     peers = list(dict.fromkeys(d["peer"] for d in summary))
     width = 0.8 / len(peers)
-    for k, peer in enumerate(peers):
-        xs, ys, es = [], [], []
-        for i, g in enumerate(groups):
-            d = next((d for d in summary if d["group"] == g and d["peer"] == peer), None)
-            if d is not None:
-                xs.append(i + k * width)
-                ys.append(d["auc_gain_pct"])
-                es.append(d["auc_gain_pct_std"])
-        ax.bar(xs, ys, width, yerr=es if any(es) else None, label=peer, hatch="//" if peer == "ensemble" else None)
-    ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks([i + width * (len(peers) - 1) / 2 for i in range(len(groups))])
-    ax.set_xticklabels(groups, rotation=15)
-    ax.set_ylabel(f"{split} AUC gain of mutual over solo (%)")
-    ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
+    fig, axes = plt.subplots(1, len(panels), figsize=(len(panels) * max(6, 1.8 * len(groups) + 2), 4),
+                             squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels):
+        for k, peer in enumerate(peers):
+            xs, ys, es = [], [], []
+            for i, g in enumerate(groups):
+                d = next((d for d in summary if d["group"] == g and d["peer"] == peer), None)
+                if d is not None:
+                    xs.append(i + k * width)
+                    ys.append(d[key])
+                    es.append(d[key + "_std"])
+            ax.bar(xs, ys, width, yerr=es if any(es) else None, label=peer,
+                   hatch="//" if peer == "ensemble" else None)
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xticks([i + width * (len(peers) - 1) / 2 for i in range(len(groups))])
+        ax.set_xticklabels(groups, rotation=15)
+        ax.set_title(title)
+        ax.set_ylabel(f"{split} AUC change (%)")
+        ax.legend(fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

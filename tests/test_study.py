@@ -51,11 +51,30 @@ def test_study_table_equals_the_separate_runs(synth_data, tmp_path):
         assert rows[("deepfm+dcn", peer)]["mutual_auc"] == pytest.approx(ft.metrics["test"][peer]["auc"], abs=1e-9)
     for r in ft.metrics["solo_vs_mutual"]["rows"]:
         assert rows[("deepfm+dcn", r["peer"])]["auc_gain_pct"] == pytest.approx(r["auc_gain_pct"], abs=1e-7)
+    for peer in ("deepfm", "dcn", "ensemble"):
+        r = rows[("deepfm+dcn", peer)]
+        assert r["mutual_vs_alone_pct"] == pytest.approx(100 * (r["mutual_auc"] / r["alone_auc"] - 1), abs=1e-9)
     # fine-tuning starts from the solo weights and keeps the best validation state: never worse on valid
     for peer in ("deepfm", "dcn"):
         assert ft.metrics["valid"][peer]["auc"] >= ft.metrics["solo"][peer]["valid"][peer]["auc"] - 1e-12
     print("mutual fine-tuning gains (test AUC %):",
           {r["peer"]: round(r["auc_gain_pct"], 3) for r in ft.metrics["solo_vs_mutual"]["rows"]})
+
+
+def test_control_is_fine_tuning_without_the_peer_term(synth_data, tmp_path):
+    """The control column (each peer fine-tuned alone) equals fine-tuning the group with alpha=0.
+    Dropout off: with it, a group's peers draw dropout masks from one RNG stream, alone from their
+    own, so the runs would differ by chance (test_trainer checks the same equality step by step)."""
+    cfg = dict(epochs=1, finetune_epochs=1, batch_size=512, deterministic=True)
+    peers = "deepfm:dropout=0,dcn:dropout=0"
+    res = run_study(synth_data, peers=peers, seeds=[0], **cfg, **quiet)
+    zero = fit(synth_data, peers=peers, regime="finetune", alpha=0.0, seed=0, **cfg, **quiet)
+    for r in res.rows:
+        m = zero.metrics["test"][r["peer"]]
+        # float rounding differs between a [B, 2] and a [B, 1] step; a leaked peer term would not be this small
+        assert r["alone_auc"] == pytest.approx(m["auc"], abs=1e-4), r
+        assert r["alone_logloss"] == pytest.approx(m["logloss"], rel=1e-4), r
+        assert r["alone_auc"] != pytest.approx(r["mutual_auc"], abs=1e-6)  # the peer term did change something
 
 
 @pytest.mark.skipif(not TAOBAO.exists(), reason="../shared/datasets_raw not present")
