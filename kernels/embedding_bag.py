@@ -6,7 +6,8 @@ costs one contiguous 4*Wtot-byte read that serves every peer, instead of P reads
 (P x the random-access latency, P x the partial-sector waste at the row ends).
 
 What is computed (no gradient here: the backward is fused with the optimizer in
-``mlfast.kernels.sparse_update``; ``mlfast.kernels.peer_tables`` ties both into autograd):
+``mlfast.kernels.sparse_update``; ``mlfast.kernels.peer_tables`` ties both into autograd, for
+one-hot lookups and for bags):
 
 * one-hot fields, ``embedding_forward``:      out_p[b, f, :] = weight[ids[b, f], off_p : off_p + W_p]
 * multi-hot bags, ``embedding_bag_forward``:  out_p[j, :] = sum_{i in bag j} s_i * weight[indices[i], seg_p]
@@ -33,6 +34,7 @@ __all__ = [
     "embedding_forward",
     "embedding_forward_tables",
     "embedding_bag_forward",
+    "check_bags",
     "peer_offsets",
     "kernels_interpreted",
 ]
@@ -247,6 +249,29 @@ def _embedding_bag_fwd_kernel(
         tl.store(outs[p] + bag * WIDTHS[p] + (d - OFFS[p]), total.to(outs[p].dtype.element_ty), mask=seg)
 
 
+def check_bags(weight: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor, widths: Sequence[int],
+               per_sample_weights: torch.Tensor | None, mode: str) -> tuple[int, ...]:
+    """Validate a bag lookup's arguments (shapes, dtypes, devices, mode); returns the widths."""
+    _check_table(weight)
+    ws = _check_widths(widths, weight.shape[1])
+    if mode not in ("sum", "mean"):
+        raise ValueError(f"mode must be 'sum' or 'mean', got {mode!r}")
+    if indices.ndim != 1 or offsets.ndim != 1 or offsets.numel() < 1:
+        raise ValueError(f"indices [nnz] and offsets [n_bags + 1] expected, got {tuple(indices.shape)} "
+                         f"and {tuple(offsets.shape)}")
+    if indices.dtype not in (torch.int64, torch.int32) or offsets.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"indices and offsets must be integer, got {indices.dtype} and {offsets.dtype}")
+    if per_sample_weights is not None:
+        if mode != "sum":
+            raise ValueError("per_sample_weights are only supported with mode='sum' (as nn.EmbeddingBag)")
+        if per_sample_weights.shape != indices.shape:
+            raise ValueError(f"per_sample_weights must be [nnz={indices.numel()}], "
+                             f"got {tuple(per_sample_weights.shape)}")
+    tensors = [weight, indices, offsets] + ([per_sample_weights] if per_sample_weights is not None else [])
+    _check_device(*tensors)
+    return ws
+
+
 def embedding_bag_forward(weight: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor,
                           widths: Sequence[int], per_sample_weights: torch.Tensor | None = None,
                           mode: str = "sum", out_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
@@ -265,23 +290,7 @@ def embedding_bag_forward(weight: torch.Tensor, indices: torch.Tensor, offsets: 
         >>> a.shape, b.shape, float(b[1].abs().sum())
         (torch.Size([3, 17]), torch.Size([3, 16]), 0.0)
     """
-    _check_table(weight)
-    ws = _check_widths(widths, weight.shape[1])
-    if mode not in ("sum", "mean"):
-        raise ValueError(f"mode must be 'sum' or 'mean', got {mode!r}")
-    if indices.ndim != 1 or offsets.ndim != 1 or offsets.numel() < 1:
-        raise ValueError(f"indices [nnz] and offsets [n_bags + 1] expected, got {tuple(indices.shape)} "
-                         f"and {tuple(offsets.shape)}")
-    if indices.dtype not in (torch.int64, torch.int32) or offsets.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"indices and offsets must be integer, got {indices.dtype} and {offsets.dtype}")
-    if per_sample_weights is not None:
-        if mode != "sum":
-            raise ValueError("per_sample_weights are only supported with mode='sum' (as nn.EmbeddingBag)")
-        if per_sample_weights.shape != indices.shape:
-            raise ValueError(f"per_sample_weights must be [nnz={indices.numel()}], "
-                             f"got {tuple(per_sample_weights.shape)}")
-    tensors = [weight, indices, offsets] + ([per_sample_weights] if per_sample_weights is not None else [])
-    _check_device(*tensors)
+    ws = check_bags(weight, indices, offsets, widths, per_sample_weights, mode)
     n_bags = offsets.numel() - 1
     dtype = out_dtype or weight.dtype
     outs = tuple(torch.empty(n_bags, w, dtype=dtype, device=weight.device) for w in ws)

@@ -4,7 +4,13 @@
 optimizer configuration and its device state. ``lookup(ids)`` returns each peer's rows [B, F, W_p]
 through ``PeerLookupFunction``; the backward of that function applies the optimizer step to the
 looked-up rows in place and returns no gradient for the table, so no dense [V, Wtot] gradient
-ever exists and the trainer's dense optimizer never sees the table.
+ever exists and the trainer's dense optimizer never sees the table. ``lookup_bags(indices,
+offsets)`` does the same for multi-hot bags (sum / mean pooling, per-sample weights) through
+``PeerBagFunction``: its backward hands bag member i the gradient of its bag times its scale,
+
+    dL/dw[indices[i]] += s_i * dL/dout_p[bag(i)],   s_i = per_sample_weights[i] | 1/|bag| (mean) | 1,
+
+and applies the same fused optimizer step to the member rows (repeats summed, as for one-hot).
 
 Backends (``backend=``): ``"triton"`` (the fused kernels of ``embedding_bag`` / ``sparse_update``;
 the default on CUDA; CPU tensors need the Triton interpreter), ``"cpu"`` (torch gather forward,
@@ -24,10 +30,10 @@ import torch
 from mlfast.models.base import EMBEDDING_INIT_STD
 from mlfast.sparse_optim import SparseOptimConfig, SparseOptimState, sparse_update_reference
 
-from .embedding_bag import _check_widths, embedding_forward, peer_offsets
+from .embedding_bag import _check_widths, check_bags, embedding_bag_forward, embedding_forward, peer_offsets
 from .sparse_update import DeviceOptimState, sparse_update
 
-__all__ = ["PeerTables", "PeerLookupFunction", "BACKENDS"]
+__all__ = ["PeerTables", "PeerLookupFunction", "PeerBagFunction", "BACKENDS"]
 
 BACKENDS = ("triton", "cpu", "reference")
 
@@ -66,6 +72,48 @@ class PeerLookupFunction(torch.autograd.Function):
             full.append(g)
         tables.apply_gradients(ids, full)
         return None, None, None
+
+
+def _bag_members(offsets: torch.Tensor, nnz: int, per_sample_weights: torch.Tensor | None,
+                 mode: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each bag member's bag [nnz] and scale s_i [nnz] (None when every s_i is 1).
+
+    ``output_size`` is the host-known nnz, so no device-to-host sync happens here."""
+    counts = offsets[1:] - offsets[:-1]
+    bag_of = torch.repeat_interleave(torch.arange(counts.numel(), device=offsets.device), counts, output_size=nnz)
+    if per_sample_weights is not None:
+        return bag_of, per_sample_weights.float()
+    if mode == "mean":
+        return bag_of, (1.0 / counts.clamp(min=1).float()).index_select(0, bag_of)
+    return bag_of, None
+
+
+class PeerBagFunction(torch.autograd.Function):
+    """(indices [nnz], offsets [n_bags + 1]) -> P pooled tensors [n_bags, W_p]; backward = the fused
+    sparse optimizer step on the member rows, no table gradient (``per_sample_weights`` are
+    constants: they get no gradient)."""
+
+    @staticmethod
+    def forward(ctx, anchor, indices, offsets, per_sample_weights, tables: "PeerTables", mode: str):
+        ctx.tables, ctx.mode = tables, mode
+        ctx.save_for_backward(indices, offsets, per_sample_weights)
+        ctx.set_materialize_grads(False)
+        return tuple(tables._gather_bags(indices, offsets, per_sample_weights, mode))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        indices, offsets, psw = ctx.saved_tensors
+        tables: PeerTables = ctx.tables
+        bag_of, scale = _bag_members(offsets, indices.numel(), psw, ctx.mode)
+        member = []
+        for g, w in zip(grads, tables.widths):
+            if g is None:
+                member.append(torch.zeros((), dtype=torch.float32, device=indices.device).expand(indices.numel(), w))
+                continue
+            gm = g.float().index_select(0, bag_of)
+            member.append(gm * scale[:, None] if scale is not None else gm)
+        tables.apply_gradients(indices, member)
+        return None, None, None, None, None, None
 
 
 class PeerTables:
@@ -182,6 +230,44 @@ class PeerTables:
         rows = self.weight.index_select(0, ids.reshape(-1)).view(*ids.shape, -1)
         dtype = self.out_dtype or self.weight.dtype
         return [rows[..., c].contiguous().to(dtype) for c in map(self._columns, range(self.num_peers))]
+
+    def _gather_bags(self, indices, offsets, per_sample_weights, mode) -> list[torch.Tensor]:
+        if self.backend == "triton":
+            return embedding_bag_forward(self.weight, indices, offsets, self.widths, per_sample_weights, mode,
+                                         self.out_dtype)
+        bag_of, scale = _bag_members(offsets, indices.numel(), per_sample_weights, mode)
+        rows = self.weight.index_select(0, indices)
+        if scale is not None:
+            rows = rows * scale[:, None]
+        pooled = torch.zeros(offsets.numel() - 1, self.weight.shape[1], dtype=torch.float32, device=self.device)
+        pooled.index_add_(0, bag_of, rows)
+        dtype = self.out_dtype or self.weight.dtype
+        return [pooled[:, c].contiguous().to(dtype) for c in map(self._columns, range(self.num_peers))]
+
+    def lookup_bags(self, indices: torch.Tensor, offsets: torch.Tensor,
+                    per_sample_weights: torch.Tensor | None = None, mode: str = "sum",
+                    requires_grad: bool | None = None) -> list[torch.Tensor]:
+        """Each peer's pooled multi-hot lookup ``[n_bags, W_p]`` in one pass: bag j is
+        ``indices[offsets[j]:offsets[j+1]]`` (``offsets`` [n_bags + 1], as ``nn.EmbeddingBag`` with
+        ``include_last_offset=True``), summed (``mode="sum"``, optionally weighted by
+        ``per_sample_weights``) or averaged (``"mean"``); empty bags give zeros.
+
+        As with `lookup`, the backward of the outputs applies one optimizer step to the member rows.
+
+        Example::
+
+            >>> t = PeerTables.create(100, (17, 16), SparseOptimConfig("sgd", lr=0.1))
+            >>> a, b = t.lookup_bags(torch.tensor([4, 7, 7]), torch.tensor([0, 2, 2, 3]), mode="mean")
+            >>> a.shape, b.shape
+            (torch.Size([3, 17]), torch.Size([3, 16]))
+        """
+        check_bags(self.weight, indices, offsets, self.widths, per_sample_weights, mode)
+        if requires_grad is None:
+            requires_grad = torch.is_grad_enabled()
+        if not requires_grad:
+            with torch.no_grad():
+                return self._gather_bags(indices, offsets, per_sample_weights, mode)
+        return list(PeerBagFunction.apply(self._anchor, indices, offsets, per_sample_weights, self, mode))
 
     def lookup(self, ids: torch.Tensor, requires_grad: bool | None = None) -> list[torch.Tensor]:
         """Each peer's rows ``[*ids.shape, W_p]`` for global ids (int64), in one pass.

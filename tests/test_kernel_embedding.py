@@ -26,7 +26,7 @@ from conftest import assert_close  # noqa: E402
 from mlfast.kernels.embedding_bag import (  # noqa: E402
     embedding_bag_forward, embedding_forward, embedding_forward_tables, peer_offsets)
 from mlfast.kernels.peer_tables import PeerTables  # noqa: E402
-from mlfast.sparse_optim import SparseOptimConfig  # noqa: E402
+from mlfast.sparse_optim import SparseOptimConfig, SparseOptimState, sparse_update_reference  # noqa: E402
 
 WIDTH_SETS = [(17, 16), (16,), (17, 16, 5, 9), (3, 64, 1)]
 
@@ -294,3 +294,69 @@ def test_peer_tables_checkpoint_round_trip(device, gen):
         PeerTables.create(V, (16, 16), cfg, device=device).load_state_dict(sd)
     with pytest.raises(ValueError, match="must be"):
         b.set_peer_weight(0, torch.zeros(V, 16, device=device))
+
+
+# ---------------------------------------------------------------------------------------------
+# PeerTables bags: pooled lookup + fused backward, against nn.functional.embedding_bag + autograd
+
+def _reference_bag_step(table, widths, indices, offsets, psw, mode, gw, state, cfg):
+    """One step the plain way: per-peer ``F.embedding_bag`` on dense parameters, autograd's dense
+    table gradient, then the reference sparse optimizer on the touched rows."""
+    params = [torch.nn.Parameter(t.clone()) for t in _split(table, widths)]
+    outs = [F.embedding_bag(indices, p, offsets, mode=mode, per_sample_weights=psw,
+                                              include_last_offset=True) for p in params]
+    grads = torch.autograd.grad(_loss(outs, gw), params)
+    touched = torch.unique(indices)
+    sparse_update_reference(table, touched, torch.cat([g[touched] for g in grads], 1), state, cfg)
+    return outs
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu", "reference"])
+@pytest.mark.parametrize("kind", ["sgd", "adagrad", "adam"])
+@pytest.mark.parametrize("mode,weighted", [("sum", False), ("sum", True), ("mean", False)])
+def test_peer_tables_bags_train_like_embedding_bag(device, gen, backend, kind, mode, weighted):
+    if backend == "cpu" and device.type != "cpu":
+        pytest.skip("the numba backend runs on CPU tensors")
+    widths, V, n_bags = (17, 16, 5), 90, 11
+    peers = [torch.randn(V, w, generator=gen) * 0.1 for w in widths]
+    cfg = SparseOptimConfig(kind, lr=0.05, weight_decay=1e-3)
+    fused = PeerTables.from_peer_weights([p.to(device) for p in peers], cfg, backend=backend)
+    table = torch.cat(peers, 1).contiguous()
+    state = SparseOptimState.create(table, cfg, widths)
+    for step in range(3):
+        indices, offsets = _bags(gen, n_bags, V, max_len=20)  # repeats, empty bags, > BAG_CHUNK members
+        psw = torch.rand(indices.numel(), generator=gen) * 2 - 0.5 if weighted else None
+        gw = [torch.randn(n_bags, w, generator=gen) for w in widths]
+        outs = fused.lookup_bags(indices.to(device), offsets.to(device),
+                                 None if psw is None else psw.to(device), mode=mode)
+        ref_outs = _reference_bag_step(table, widths, indices, offsets, psw, mode, gw, state, cfg)
+        for o, r in zip(outs, ref_outs):
+            assert_close(o, r.detach())
+        _loss(outs, [g.to(device) for g in gw]).backward()
+        assert_close(fused.weight, table, msg=f"step {step}")
+    assert fused.step_count == state.step == 3
+    assert not torch.equal(table, torch.cat(peers, 1))
+
+
+def test_peer_tables_bags_unused_peer_no_grad_and_empty(device, gen):
+    widths, V = (17, 16), 40
+    peers = [torch.randn(V, w, generator=gen) for w in widths]
+    cfg = SparseOptimConfig("adam", lr=0.1)
+    t = PeerTables.from_peer_weights([p.to(device) for p in peers], cfg, backend="triton")
+    indices, offsets = _bags(gen, 6, V, max_len=4)
+    before = t.weight.clone()
+    a, b = t.lookup_bags(indices.to(device), offsets.to(device), requires_grad=False)
+    assert torch.equal(t.weight, before) and t.step_count == 0 and a.shape == (6, 17)
+    a, _ = t.lookup_bags(indices.to(device), offsets.to(device))
+    (2.0 * a.sum()).backward()  # dcn's output unused: its member rows see a zero gradient
+    touched = torch.unique(indices).to(device)
+    moved = (t.weight != before).any(1)
+    assert moved.nonzero().flatten().tolist() == touched.tolist()  # exactly the member rows moved
+    assert torch.equal(t.weight[:, 17:], before[:, 17:])  # adam with zero gradient and no decay: no move
+    e = t.lookup_bags(torch.zeros(0, dtype=torch.long, device=device),
+                      torch.zeros(4, dtype=torch.long, device=device), mode="mean")
+    assert [x.shape for x in e] == [(3, 17), (3, 16)] and all(torch.count_nonzero(x) == 0 for x in e)
+    sum(x.sum() for x in e).backward()
+    assert t.step_count == 2  # an all-empty batch is still one optimizer step
+    with pytest.raises(ValueError, match="mode='sum'"):
+        t.lookup_bags(indices.to(device), offsets.to(device), torch.ones(indices.numel(), device=device), mode="mean")
