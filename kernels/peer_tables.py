@@ -116,6 +116,28 @@ class PeerBagFunction(torch.autograd.Function):
         return None, None, None, None, None, None
 
 
+def _compact_rows(t: torch.Tensor | None):
+    """``t`` [V, ...], or ``{"rows", "values", "shape"}`` holding only its nonzero rows when fewer
+    than half of the rows are nonzero (the rest are zero by construction)."""
+    if t is None:
+        return None
+    nz = torch.nonzero((t.reshape(t.shape[0], -1) != 0).any(1)).flatten()
+    if 2 * nz.numel() >= t.shape[0]:
+        return t
+    return {"rows": nz, "values": t.index_select(0, nz), "shape": list(t.shape)}
+
+
+def _load_rows(out: torch.Tensor, src, name: str) -> None:
+    """Copy a tensor or a `_compact_rows` dict into ``out`` in place."""
+    if isinstance(src, dict):
+        if list(src["shape"]) != list(out.shape):
+            raise ValueError(f"checkpoint {name} has shape {tuple(src['shape'])}, these tables {tuple(out.shape)}")
+        out.zero_()
+        out.index_copy_(0, src["rows"].to(out.device), src["values"].to(out.device, out.dtype))
+    else:
+        out.copy_(src)
+
+
 class PeerTables:
     """P peers' embedding tables interleaved in one [V, sum(widths)] buffer, with a fused optimizer.
 
@@ -318,24 +340,37 @@ class PeerTables:
         self.weight[:, cols].copy_(weight)
 
     # checkpoints -----------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        """Table, layout, optimizer configuration and state (tensors are not copied)."""
-        return {
-            "weight": self.weight, "widths": list(self.widths), "labels": list(self.labels),
+    def state_dict(self, weight: bool = True, compact: bool = False) -> dict:
+        """Table, layout, optimizer configuration and state (tensors are not copied).
+
+        ``weight=False`` leaves the table out (a checkpoint that already holds every peer's weights
+        need not store them twice). ``compact=True`` stores each optimizer-state tensor as its
+        nonzero rows when they are under half of the table: rows no update ever touched hold zero
+        state, and on data that touches a small part of a hashed table (a sample, an early
+        checkpoint) that is most of it. `load_state_dict` reads every form.
+        """
+        enc = _compact_rows if compact else (lambda t: t)
+        d = {
+            "widths": list(self.widths), "labels": list(self.labels),
             "optimizer": dataclasses.asdict(self.cfg), "step": self.step_count,
-            "lr": float(self.state.lr.item()), "sum_sq": self.state.sum_sq,
-            "exp_avg": self.state.exp_avg, "exp_avg_sq": self.state.exp_avg_sq,
+            "lr": float(self.state.lr.item()), "sum_sq": enc(self.state.sum_sq),
+            "exp_avg": enc(self.state.exp_avg), "exp_avg_sq": enc(self.state.exp_avg_sq),
         }
+        if weight:
+            d["weight"] = self.weight
+        return d
 
     @torch.no_grad()
     def load_state_dict(self, d: dict) -> None:
-        """Restore in place (buffers keep their addresses, so a captured CUDA graph stays valid)."""
+        """Restore in place (buffers keep their addresses, so a captured CUDA graph stays valid).
+        Without a ``weight`` entry the table is left as it is (set it with `set_peer_weight`)."""
         if tuple(d["widths"]) != self.widths:
             raise ValueError(f"checkpoint tables have widths {tuple(d['widths'])}, these have {self.widths}")
         if d["optimizer"]["kind"] != self.cfg.kind:
             raise ValueError(f"checkpoint optimizer state is {d['optimizer']['kind']!r}, "
                              f"these tables use {self.cfg.kind!r}")
-        self.weight.copy_(d["weight"])
+        if d.get("weight") is not None:
+            self.weight.copy_(d["weight"])
         self.state.step.fill_(int(d["step"]))
         self.state.lr.fill_(float(d["lr"]))
         for k in ("sum_sq", "exp_avg", "exp_avg_sq"):
@@ -343,7 +378,7 @@ class PeerTables:
             if cur is not None:
                 if d.get(k) is None:
                     raise ValueError(f"checkpoint has no {k} for the {self.cfg.kind} optimizer")
-                cur.copy_(d[k])
+                _load_rows(cur, d[k], k)
 
     def to(self, device) -> "PeerTables":
         """Move the table and its state to ``device`` (in place; returns self)."""

@@ -255,7 +255,8 @@ class FusedEngine(Engine):
         self.peers[i].load_state_dict(state)
 
     def optimizer_state_dict(self) -> dict:
-        return {"dense": self.optimizer.state_dict(), "tables": self.tables.state_dict()}
+        # the table's weights are in the peers' state dicts already; untouched rows' state is zero
+        return {"dense": self.optimizer.state_dict(), "tables": self.tables.state_dict(weight=False, compact=True)}
 
     def load_optimizer_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["dense"])
