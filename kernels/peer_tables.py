@@ -11,13 +11,17 @@ offsets)`` does the same for multi-hot bags (sum / mean pooling, per-sample weig
     dL/dw[indices[i]] += s_i * dL/dout_p[bag(i)],   s_i = per_sample_weights[i] | 1/|bag| (mean) | 1,
 
 and applies the same fused optimizer step to the member rows (repeats summed, as for one-hot).
+``lookup_fields(ids, bags)`` is what a model with one-hot AND multi-hot fields reads: rows
+[B, F + S, W_p] (the S bags pooled, appended after the F one-hot fields) through
+``PeerFieldsFunction``, whose backward applies ONE optimizer step to all rows the batch touched.
 
 Backends (``backend=``): ``"triton"`` (the fused kernels of ``embedding_bag`` / ``sparse_update``;
 the default on CUDA; CPU tensors need the Triton interpreter), ``"cpu"`` (torch gather forward,
 ``mlfast.cpu_sparse.sparse_update`` backward; the default on the CPU) and ``"reference"`` (torch
 gather, ``mlfast.sparse_optim.sparse_update_reference``).
 
-Use one ``lookup`` per training step: each backward is one optimizer step (the step counter t
+Use one lookup (``lookup``, ``lookup_bags`` or ``lookup_fields``) per training step: each
+backward is one optimizer step (the step counter t
 advances once per backward, as a dense optimizer's ``step()``).
 """
 from __future__ import annotations
@@ -33,7 +37,7 @@ from mlfast.sparse_optim import SparseOptimConfig, SparseOptimState, sparse_upda
 from .embedding_bag import _check_widths, check_bags, embedding_bag_forward, embedding_forward, peer_offsets
 from .sparse_update import DeviceOptimState, sparse_update
 
-__all__ = ["PeerTables", "PeerLookupFunction", "PeerBagFunction", "BACKENDS"]
+__all__ = ["PeerTables", "PeerLookupFunction", "PeerBagFunction", "PeerFieldsFunction", "BACKENDS"]
 
 BACKENDS = ("triton", "cpu", "reference")
 
@@ -113,6 +117,51 @@ class PeerBagFunction(torch.autograd.Function):
             gm = g.float().index_select(0, bag_of)
             member.append(gm * scale[:, None] if scale is not None else gm)
         tables.apply_gradients(indices, member)
+        return None, None, None, None, None, None
+
+
+def merge_bag_fields(bags: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """S bag fields of B rows each (``(offsets [B+1], ids)`` pairs) as one list of S*B bags, field
+    by field: (indices [nnz], offsets [S*B + 1]). Runs on the device, no host sync."""
+    indices = torch.cat([v for _, v in bags]) if len(bags) > 1 else bags[0][1]
+    parts, base = [], None
+    for k, (o, _) in enumerate(bags):
+        o = o if base is None else o + base
+        parts.append(o if k == len(bags) - 1 else o[:-1])
+        base = o[-1:]
+    return indices, (torch.cat(parts) if len(parts) > 1 else parts[0])
+
+
+class PeerFieldsFunction(torch.autograd.Function):
+    """(ids [B, F], S bag fields merged by `merge_bag_fields`) -> P tensors [B, F + S, W_p];
+    backward = ONE fused optimizer step on the one-hot rows and the bag members together."""
+
+    @staticmethod
+    def forward(ctx, anchor, ids, indices, offsets, tables: "PeerTables", mode: str):
+        ctx.tables, ctx.mode = tables, mode
+        ctx.save_for_backward(ids, indices, offsets)
+        ctx.set_materialize_grads(False)
+        return tuple(tables._gather_fields(ids, indices, offsets, mode))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        ids, indices, offsets = ctx.saved_tensors
+        tables: PeerTables = ctx.tables
+        B, F = ids.shape
+        S = (offsets.numel() - 1) // max(B, 1)
+        bag_of, scale = _bag_members(offsets, indices.numel(), None, ctx.mode)
+        all_ids = torch.cat([ids.reshape(-1), indices])
+        full = []
+        for g, w in zip(grads, tables.widths):
+            if g is None:
+                full.append(torch.zeros((), dtype=torch.float32, device=ids.device).expand(all_ids.numel(), w))
+                continue
+            g = g.float()
+            onehot = g[:, :F].reshape(B * F, w)
+            per_bag = g[:, F:].transpose(0, 1).reshape(S * B, w)  # bag k = field k // B, row k % B
+            member = per_bag.index_select(0, bag_of)
+            full.append(torch.cat([onehot, member * scale[:, None] if scale is not None else member]))
+        tables.apply_gradients(all_ids, full)
         return None, None, None, None, None, None
 
 
@@ -265,6 +314,43 @@ class PeerTables:
         pooled.index_add_(0, bag_of, rows)
         dtype = self.out_dtype or self.weight.dtype
         return [pooled[:, c].contiguous().to(dtype) for c in map(self._columns, range(self.num_peers))]
+
+    def _gather_fields(self, ids, indices, offsets, mode) -> list[torch.Tensor]:
+        B = ids.shape[0]
+        onehot = self._gather(ids)
+        pooled = self._gather_bags(indices, offsets, None, mode)
+        return [torch.cat([e, p.view(-1, B, p.shape[-1]).transpose(0, 1)], 1) for e, p in zip(onehot, pooled)]
+
+    def lookup_fields(self, ids: torch.Tensor, bags: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
+                      mode: str = "mean", requires_grad: bool | None = None) -> list[torch.Tensor]:
+        """Each peer's rows [B, F + S, W_p] for one-hot ids [B, F] and S bag fields (each an
+        ``(offsets [B+1], ids)`` pair, pooled by ``mode``): what a model's ``forward_embedded``
+        reads. Its backward is one optimizer step over every row the batch touched. Without bags
+        this is `lookup`.
+
+        Example::
+
+            >>> t = PeerTables.create(100, (17, 16))
+            >>> hist = (torch.tensor([0, 2, 3]), torch.tensor([50, 51, 52]))   # 2 rows: [50, 51], [52]
+            >>> [e.shape for e in t.lookup_fields(torch.tensor([[1, 9], [2, 8]]), [hist])]
+            [torch.Size([2, 3, 17]), torch.Size([2, 3, 16])]
+        """
+        if not bags:
+            return self.lookup(ids, requires_grad)
+        if ids.ndim != 2:
+            raise ValueError(f"ids must be [B, F] with bag fields, got {tuple(ids.shape)}")
+        B = ids.shape[0]
+        for o, _ in bags:
+            if o.shape != (B + 1,):
+                raise ValueError(f"each bag field needs offsets [B+1={B + 1}], got {tuple(o.shape)}")
+        indices, offsets = merge_bag_fields(bags)
+        check_bags(self.weight, indices, offsets, self.widths, None, mode)
+        if requires_grad is None:
+            requires_grad = torch.is_grad_enabled()
+        if not requires_grad:
+            with torch.no_grad():
+                return self._gather_fields(ids, indices, offsets, mode)
+        return list(PeerFieldsFunction.apply(self._anchor, ids, indices, offsets, self, mode))
 
     def lookup_bags(self, indices: torch.Tensor, offsets: torch.Tensor,
                     per_sample_weights: torch.Tensor | None = None, mode: str = "sum",

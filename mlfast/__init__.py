@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "CTRData": "data",
+    "BagField": "data",
     "read": "reader",
     "read_criteo": "reader",
     "read_avazu": "reader",

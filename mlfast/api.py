@@ -151,7 +151,7 @@ def prepare_data(train: str | Path | CTRData, valid=None, test=None, *, reader: 
     if vocab_mode:
         from .vocab import Vocabulary
 
-        vocab = Vocabulary.fit(tr.sparse, tr.field_names, int(ropts["min_count"]), rows=i_tr)
+        vocab = Vocabulary.fit(tr.sparse, tr.field_names, int(ropts["min_count"]), rows=i_tr, bags=tr.bags)
         tr = apply_vocabulary(tr, vocab)
         va = apply_vocabulary(va, vocab) if va is not None else None
         te = apply_vocabulary(te, vocab) if te is not None else None
@@ -173,7 +173,8 @@ def apply_vocabulary(data: CTRData, vocab) -> CTRData:
     if not data.meta.get("keys"):
         raise ValueError(f"{data.source}: vocabulary mode needs data read with keys=True")
     meta = {**data.meta, "keys": False, "min_count": vocab.min_count}
-    return dataclasses.replace(data, sparse=vocab.transform(data.sparse), field_offsets=vocab.field_offsets, meta=meta)
+    return dataclasses.replace(data, sparse=vocab.transform(data.sparse), bags=vocab.transform_bags(data.bags),
+                               field_offsets=vocab.field_offsets, meta=meta)
 
 
 # ------------------------------------------------------------------------------------ predictor
@@ -243,7 +244,7 @@ class Predictor:
         loader = BatchLoader(data, batch_size, device=self.device, use_dense=self.use_dense)
         out = []
         for b in loader.epoch(0):
-            out.append(torch.stack([torch.sigmoid(m(b.sparse, b.dense).float()) for m in self.models], 1))
+            out.append(torch.stack([torch.sigmoid(m(b.sparse, b.dense, b.bags).float()) for m in self.models], 1))
         return torch.cat(out).cpu().numpy() if out else np.zeros((0, len(self.models)), np.float32)
 
     def predict(self, data: str | Path | CTRData, batch_size: int = EVAL_BATCH_SIZE) -> dict[str, np.ndarray]:

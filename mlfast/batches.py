@@ -3,8 +3,8 @@
 ``BatchLoader`` cuts an epoch into batches in a deterministic order (a permutation seeded by
 ``(seed, epoch)``), gathers the rows of each batch (numpy arrays or memmaps alike) and hands them
 out as tensors in the layout the models read: ``sparse`` [B, F] int64 global ids, ``dense``
-[B, Dd] float32, ``labels`` [B] float32, plus ``index`` [B], the source rows (to put predictions
-back in file order). ``start_batch`` resumes an epoch exactly where a checkpoint left it.
+[B, Dd] float32, ``labels`` [B] float32, ``bags`` (one ``(offsets [B+1], values [nnz])`` pair per
+multi-hot field), plus ``index`` [B], the source rows (to put predictions back in file order). ``start_batch`` resumes an epoch exactly where a checkpoint left it.
 
 With ``prefetch > 0`` a background thread prepares that many batches ahead (bounded queue);
 an exception in the thread is raised in the consumer, and the thread stops as soon as the consumer
@@ -142,6 +142,7 @@ class Batch:
     dense: torch.Tensor | None  # [B, Dd] float32, None with use_dense=False or no dense columns
     labels: torch.Tensor | None  # [B] float32, None for unlabeled data
     index: torch.Tensor  # [B] int64 source rows
+    bags: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()  # per multi-hot field: (offsets [B+1], values)
 
     def __len__(self) -> int:
         return int(self.sparse.shape[0])
@@ -266,6 +267,10 @@ class BatchLoader:
                     dense=None if host.dense is None else host.dense.to(self.device, non_blocking=True),
                     labels=None if host.labels is None else host.labels.to(self.device, non_blocking=True),
                     index=torch.from_numpy(np.array(rows)),  # host copy: the pinned slot is reused
+                    # Bags vary in size: pinned per batch (torch's caching host allocator reuses the
+                    # blocks once the copies that read them have finished).
+                    bags=tuple((o.pin_memory().to(self.device, non_blocking=True),
+                                v.pin_memory().to(self.device, non_blocking=True)) for o, v in self._bags(rows)),
                 )
                 done = torch.cuda.Event()
                 done.record(copy_stream)
@@ -283,6 +288,7 @@ class BatchLoader:
                 dense=None if dense is None else torch.from_numpy(dense),
                 labels=None if labels is None else torch.from_numpy(labels.astype(np.float32, copy=False)),
                 index=torch.from_numpy(np.array(rows)),  # own copy: `rows` may view the caller's indices
+                bags=self._bags(rows),
             )
         gather_rows(d.sparse, rows, host.sparse.numpy())
         if host.dense is not None:
@@ -290,6 +296,13 @@ class BatchLoader:
         if host.labels is not None:
             gather_rows(d.labels, rows, host.labels.numpy())
         return host
+
+    def _bags(self, rows: np.ndarray) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+        out = []
+        for bag in self.data.bags:
+            b = bag.take(rows)
+            out.append((torch.from_numpy(b.offsets), torch.from_numpy(b.values)))
+        return tuple(out)
 
     # -- consumer side -----------------------------------------------------------------------
     def _finish(self, item) -> Batch:
@@ -299,7 +312,7 @@ class BatchLoader:
             # allocator from handing these blocks to the copy stream while this stream still reads them.
             cur = torch.cuda.current_stream(self.device)
             cur.wait_event(done)
-            for t in (batch.sparse, batch.dense, batch.labels):
+            for t in (batch.sparse, batch.dense, batch.labels, *(t for bag in batch.bags for t in bag)):
                 if t is not None:
                     t.record_stream(cur)
         return batch
@@ -356,7 +369,7 @@ class _PinnedRing:
         d, bs = loader.data, loader.batch_size
         self.bufs = [
             Batch(
-                sparse=torch.empty((bs, d.num_fields), dtype=torch.int64).pin_memory(),
+                sparse=torch.empty((bs, d.sparse.shape[1]), dtype=torch.int64).pin_memory(),
                 dense=torch.empty((bs, d.num_dense), dtype=torch.float32).pin_memory() if loader.use_dense else None,
                 labels=torch.empty(bs, dtype=torch.float32).pin_memory() if d.labels is not None else None,
                 index=torch.empty(0, dtype=torch.int64),

@@ -56,11 +56,13 @@ class Engine:
         self.peers.train(mode)
 
     # interface -------------------------------------------------------------------------------
-    def train_step(self, sparse, dense, labels) -> torch.Tensor:
+    def train_step(self, sparse, dense, labels, bags=()) -> torch.Tensor:
+        """One step on a batch: one-hot ids [B, F], dense [B, Dd] or None, labels [B] and the
+        batch's bag fields (``(offsets [B+1], ids)`` per multi-hot field); returns the loss."""
         raise NotImplementedError
 
     @torch.no_grad()
-    def predict_logits(self, sparse, dense) -> torch.Tensor:
+    def predict_logits(self, sparse, dense, bags=()) -> torch.Tensor:
         raise NotImplementedError
 
     def set_lr(self, lr: float) -> None:
@@ -101,24 +103,24 @@ class PlainEngine(Engine):
             lr=lr, fused=fused or None,
         )
 
-    def _forward(self, sparse, dense) -> torch.Tensor:
+    def _forward(self, sparse, dense, bags=()) -> torch.Tensor:
         with self.autocast():
-            return _stack_logits([m(sparse, dense) for m in self.peers])
+            return _stack_logits([m(sparse, dense, bags) for m in self.peers])
 
-    def train_step(self, sparse, dense, labels) -> torch.Tensor:
-        logits = self._forward(sparse, dense)
+    def train_step(self, sparse, dense, labels, bags=()) -> torch.Tensor:
+        logits = self._forward(sparse, dense, bags)
         loss = mutual_loss(logits, labels, self.alpha, self.cfg.mutual)
         self.optimizer.zero_grad(set_to_none=False)
         loss.backward()
         if self.cfg.embedding_l2:
-            self._embedding_l2(sparse)
+            self._embedding_l2(sparse, bags)
         self.optimizer.step()
         return loss.detach()
 
-    def _embedding_l2(self, sparse) -> None:
+    def _embedding_l2(self, sparse, bags=()) -> None:
         """L2 on the rows this batch touched (the lazy form every sparse optimizer can apply):
-        grad_r += lambda * w_r once for each distinct row r in the batch."""
-        flat = sparse.reshape(-1)
+        grad_r += lambda * w_r once for each distinct row r in the batch (bag members included)."""
+        flat = torch.cat([sparse.reshape(-1), *(v for _, v in bags)]) if bags else sparse.reshape(-1)
         for m in self.peers:
             w = m.embedding.weight
             touched = torch.zeros(w.shape[0], 1, dtype=w.dtype, device=w.device)
@@ -126,8 +128,8 @@ class PlainEngine(Engine):
             w.grad.addcmul_(w.detach(), touched, value=self.cfg.embedding_l2)
 
     @torch.no_grad()
-    def predict_logits(self, sparse, dense) -> torch.Tensor:
-        return self._forward(sparse, dense)
+    def predict_logits(self, sparse, dense, bags=()) -> torch.Tensor:
+        return self._forward(sparse, dense, bags)
 
     def set_lr(self, lr: float) -> None:
         self.lr = lr
@@ -180,22 +182,22 @@ class FusedEngine(Engine):
         self._static: dict[str, torch.Tensor | None] = {}
 
     # step ------------------------------------------------------------------------------------
-    def _forward(self, sparse, dense) -> torch.Tensor:
-        embs = self.tables.lookup(sparse)
+    def _forward(self, sparse, dense, bags=(), requires_grad: bool | None = None) -> torch.Tensor:
+        embs = self.tables.lookup_fields(sparse, bags, requires_grad=requires_grad)
         with self.autocast():
             return _stack_logits([m.forward_embedded(e, dense) for m, e in zip(self.peers, embs)])
 
-    def _eager_step(self, sparse, dense, labels) -> torch.Tensor:
-        logits = self._forward(sparse, dense)
+    def _eager_step(self, sparse, dense, labels, bags=()) -> torch.Tensor:
+        logits = self._forward(sparse, dense, bags)
         loss = fused_mutual_loss(logits, labels, self.alpha, self.cfg.mutual, backend=self.loss_backend)
         self.optimizer.zero_grad(set_to_none=False)
         loss.backward()  # the embedding rows are updated here, inside the table's backward
         self.optimizer.step()
         return loss.detach()
 
-    def train_step(self, sparse, dense, labels) -> torch.Tensor:
-        if not self.graphed:
-            return self._eager_step(sparse, dense, labels)
+    def train_step(self, sparse, dense, labels, bags=()) -> torch.Tensor:
+        if not self.graphed or bags:  # bags change size from batch to batch: no static graph
+            return self._eager_step(sparse, dense, labels, bags)
         if self._graph is None:
             return self._step_and_capture(sparse, dense, labels)
         if sparse.shape[0] != self._graph_batch:
@@ -230,10 +232,8 @@ class FusedEngine(Engine):
         return loss
 
     @torch.no_grad()
-    def predict_logits(self, sparse, dense) -> torch.Tensor:
-        embs = self.tables.lookup(sparse, requires_grad=False)
-        with self.autocast():
-            return _stack_logits([m.forward_embedded(e, dense) for m, e in zip(self.peers, embs)])
+    def predict_logits(self, sparse, dense, bags=()) -> torch.Tensor:
+        return self._forward(sparse, dense, bags, requires_grad=False)
 
     def set_lr(self, lr: float) -> None:
         self.lr = lr

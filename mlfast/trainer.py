@@ -130,7 +130,7 @@ class MutualTrainer:
         self.engine.train(False)
         probs, labels = [], []
         for batch in loader.epoch(epoch):
-            probs.append(torch.sigmoid(self.engine.predict_logits(batch.sparse, batch.dense)))
+            probs.append(torch.sigmoid(self.engine.predict_logits(batch.sparse, batch.dense, batch.bags)))
             if batch.labels is not None:
                 labels.append(batch.labels)
         self.engine.train(True)
@@ -184,7 +184,7 @@ class MutualTrainer:
                 for batch in train.epoch(pr.epoch, start_batch=pr.batch):
                     if cfg.alpha_warmup_steps and pr.step <= cfg.alpha_warmup_steps:
                         self.engine.set_alpha(cfg.alpha * min(1.0, (pr.step + 1) / cfg.alpha_warmup_steps))
-                    self._loss_sum += self.engine.train_step(batch.sparse, batch.dense, batch.labels)
+                    self._loss_sum += self.engine.train_step(batch.sparse, batch.dense, batch.labels, batch.bags)
                     self._loss_count += 1
                     pr.step += 1
                     pr.batch += 1

@@ -13,6 +13,10 @@ definition of "the same value". A field with K kept values owns K + 2 rows of th
 Counting runs in numba on the CPU (``count_keys``) and in cupy on the GPU (``count_keys_cupy``);
 both produce the same vocabulary, which is saved with the run (``save`` / ``load``) so eval and
 predict map new data identically.
+
+Multi-hot bag fields (``CTRData.bags``) get vocabularies of their own, after the one-hot fields:
+every id in a bag counts once (a value in 100 training histories is seen 100 times), and an empty
+bag's missing key maps to the field's missing row.
 """
 from __future__ import annotations
 
@@ -81,6 +85,7 @@ class Vocabulary:
     rows: list[np.ndarray]  # per field: the row (within the field, 1..K) of each kept key
     min_count: int
     field_names: list[str]
+    num_bags: int = 0  # the last num_bags fields are bag fields
 
     @property
     def field_sizes(self) -> np.ndarray:
@@ -92,7 +97,7 @@ class Vocabulary:
 
     @classmethod
     def build(cls, counted: Sequence[tuple[np.ndarray, np.ndarray]], min_count: int,
-              field_names: Sequence[str]) -> "Vocabulary":
+              field_names: Sequence[str], num_bags: int = 0) -> "Vocabulary":
         if min_count < 1:
             raise ValueError(f"min_count must be >= 1, got {min_count}")
         keys, rows = [], []
@@ -105,49 +110,74 @@ class Vocabulary:
             by_key = np.argsort(ku, kind="stable")
             keys.append(ku[by_key].astype(np.uint64))
             rows.append(rank[by_key])
-        return cls(keys, rows, int(min_count), list(field_names))
+        return cls(keys, rows, int(min_count), list(field_names), int(num_bags))
 
     @classmethod
     def fit(cls, keys: np.ndarray, field_names: Sequence[str], min_count: int,
-            rows: np.ndarray | None = None, backend: str = "auto") -> "Vocabulary":
-        """Count ``keys`` [N, F] (optionally only ``rows``) and keep values seen >= min_count times.
+            rows: np.ndarray | None = None, backend: str = "auto", bags: Sequence = ()) -> "Vocabulary":
+        """Count ``keys`` [N, F] and the ids of ``bags`` (``BagField``s of keys; optionally only
+        ``rows``) and keep values seen >= min_count times. ``field_names``: F + len(bags) names.
 
         ``backend``: "numba", "cupy", or "auto" (cupy when it and a GPU are present).
         """
         if backend == "auto":
             backend = "cupy" if _cupy_gpu() else "numba"
-        counted = count_keys_cupy(keys, rows) if backend == "cupy" else count_keys(keys, rows)
-        return cls.build(counted, min_count, field_names)
+        count = count_keys_cupy if backend == "cupy" else count_keys
+        counted = count(keys, rows)
+        for bag in bags:
+            values = bag.values if rows is None else bag.take(rows).values
+            counted += count(np.asarray(values)[:, None])
+        return cls.build(counted, min_count, field_names, len(bags))
 
     def transform(self, keys: np.ndarray) -> np.ndarray:
         """Global row ids [N, F] int64 for keys [N, F] (missing -> field row 0, unseen -> OOV)."""
         k = np.asarray(keys).view(np.uint64)
-        if k.ndim != 2 or k.shape[1] != len(self.keys):
-            raise ValueError(f"keys must be [N, {len(self.keys)}], got {k.shape}")
+        nf = len(self.keys) - self.num_bags
+        if k.ndim != 2 or k.shape[1] != nf:
+            raise ValueError(f"keys must be [N, {nf}], got {k.shape}")
         out = np.empty(k.shape, np.int64)
         offsets = self.field_offsets
         for j in range(k.shape[1]):
             _map_field(k[:, j], self.keys[j], self.rows[j], offsets[j], len(self.keys[j]) + 1, out[:, j])
         return out
 
+    def transform_bags(self, bags: Sequence) -> list:
+        """The ``BagField``s of keys as BagFields of global row ids (same offsets)."""
+        from .data import BagField
+
+        if len(bags) != self.num_bags:
+            raise ValueError(f"the vocabulary has {self.num_bags} bag fields, got {len(bags)}")
+        offsets = self.field_offsets
+        out = []
+        for s, bag in enumerate(bags):
+            j = len(self.keys) - self.num_bags + s
+            ids = np.empty(len(bag.values), np.int64)
+            _map_field(np.asarray(bag.values).view(np.uint64), self.keys[j], self.rows[j], offsets[j],
+                       len(self.keys[j]) + 1, ids)
+            out.append(BagField(np.asarray(bag.offsets), ids))
+        return out
+
     def save(self, path: str | Path) -> None:
         arrays = {f"keys_{j}": k for j, k in enumerate(self.keys)}
         arrays.update({f"rows_{j}": r for j, r in enumerate(self.rows)})
-        np.savez(path, min_count=np.int64(self.min_count), field_names=np.array(self.field_names), **arrays)
+        np.savez(path, min_count=np.int64(self.min_count), field_names=np.array(self.field_names),
+                 num_bags=np.int64(self.num_bags), **arrays)
 
     @classmethod
     def load(cls, path: str | Path) -> "Vocabulary":
         with np.load(path, allow_pickle=False) as z:
             names = [str(x) for x in z["field_names"]]
             return cls([z[f"keys_{j}"] for j in range(len(names))], [z[f"rows_{j}"] for j in range(len(names))],
-                       int(z["min_count"]), names)
+                       int(z["min_count"]), names, int(z["num_bags"]) if "num_bags" in z else 0)
 
     def to_state(self) -> dict:
-        return {"keys": self.keys, "rows": self.rows, "min_count": self.min_count, "field_names": self.field_names}
+        return {"keys": self.keys, "rows": self.rows, "min_count": self.min_count, "field_names": self.field_names,
+                "num_bags": self.num_bags}
 
     @classmethod
     def from_state(cls, d: dict) -> "Vocabulary":
-        return cls(list(d["keys"]), list(d["rows"]), int(d["min_count"]), list(d["field_names"]))
+        return cls(list(d["keys"]), list(d["rows"]), int(d["min_count"]), list(d["field_names"]),
+                   int(d.get("num_bags", 0)))
 
 
 @numba.njit(parallel=True, cache=True)

@@ -379,3 +379,47 @@ def test_peer_tables_bags_unused_peer_no_grad_and_empty(device, gen):
     assert t.step_count == 2  # an all-empty batch is still one optimizer step
     with pytest.raises(ValueError, match="mode='sum'"):
         t.lookup_bags(indices.to(device), offsets.to(device), torch.ones(indices.numel(), device=device), mode="mean")
+
+
+# ---------------------------------------------------------------------------------------------
+# PeerTables one-hot + bag fields together: what a model with multi-hot fields reads
+
+@pytest.mark.parametrize("backend", ["triton", "cpu", "reference"])
+@pytest.mark.parametrize("kind", ["sgd", "adagrad", "adam"])
+def test_peer_tables_fields_train_like_embedding_and_embedding_bag(device, gen, backend, kind):
+    """[B, F + S, W] = one-hot rows then each bag field's mean row, and ONE optimizer step over
+    every touched row (one-hot and bag members together, repeats summed), as F.embedding +
+    F.embedding_bag on dense parameters, autograd and the reference sparse optimizer."""
+    if backend == "cpu" and device.type != "cpu":
+        pytest.skip("the numba backend runs on CPU tensors")
+    widths, V, B, F_, S = (17, 16), 70, 9, 3, 2
+    peers = [torch.randn(V, w, generator=gen) * 0.1 for w in widths]
+    cfg = SparseOptimConfig(kind, lr=0.05, weight_decay=1e-3)
+    fused = PeerTables.from_peer_weights([p.to(device) for p in peers], cfg, backend=backend)
+    table = torch.cat(peers, 1).contiguous()
+    state = SparseOptimState.create(table, cfg, widths)
+    for step in range(3):
+        ids = _ids(gen, (B, F_), V)
+        ids[1] = ids[0]  # repeated one-hot rows
+        bags = [_bags(gen, B, V, max_len=6)[::-1] for _ in range(S)]  # (offsets, values) per field
+        bags[1][1][:2] = ids[0, 0]  # a row that is both a one-hot id and a bag member
+        gw = [torch.randn(B, F_ + S, w, generator=gen) for w in widths]
+        outs = fused.lookup_fields(ids.to(device), [(o.to(device), v.to(device)) for o, v in bags])
+        params = [torch.nn.Parameter(t.clone()) for t in _split(table, widths)]
+        ref = [torch.cat([F.embedding(ids, p), torch.stack(
+            [F.embedding_bag(v, p, o, mode="mean", include_last_offset=True) for o, v in bags], 1)], 1)
+            for p in params]
+        grads = torch.autograd.grad(_loss(ref, gw), params)
+        touched = torch.unique(torch.cat([ids.reshape(-1), *(v for _, v in bags)]))
+        sparse_update_reference(table, touched, torch.cat([g[touched] for g in grads], 1), state, cfg)
+        for o, r in zip(outs, ref):
+            assert o.shape == (B, F_ + S, o.shape[-1])
+            assert_close(o, r.detach())
+        _loss(outs, [g.to(device) for g in gw]).backward()
+        assert_close(fused.weight, table, msg=f"step {step}")
+    assert fused.step_count == state.step == 3  # one step per lookup, not one per field
+    no_grad = fused.lookup_fields(ids.to(device), [(o.to(device), v.to(device)) for o, v in bags],
+                                  requires_grad=False)
+    assert fused.step_count == 3 and no_grad[0].shape == (B, F_ + S, 17)
+    with pytest.raises(ValueError, match="offsets"):
+        fused.lookup_fields(ids.to(device), [(bags[0][0][:-1].to(device), bags[0][1].to(device))])

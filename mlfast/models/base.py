@@ -29,9 +29,10 @@ EMBEDDING_INIT_STD = 1e-4  # FuxiCTR's default embedding initialiser: N(0, 1e-4)
 class FeatureSchema:
     """What a model needs to know about its input: the flat table's field layout and dense width."""
 
-    field_offsets: tuple[int, ...]  # F + 1 offsets into the flat table
+    field_offsets: tuple[int, ...]  # F + 1 offsets into the flat table (bag fields last)
     field_names: tuple[str, ...] = ()
     num_dense: int = 0  # dense features the model reads (0 = sparse only, FuxiCTR-style)
+    num_bags: int = 0  # the last num_bags fields are multi-hot bags, mean-pooled to one row each
 
     def __post_init__(self) -> None:
         offs = tuple(int(x) for x in self.field_offsets)
@@ -42,10 +43,17 @@ class FeatureSchema:
             object.__setattr__(self, "field_names", tuple(f"f{i}" for i in range(len(offs) - 1)))
         elif len(self.field_names) != len(offs) - 1:
             raise ValueError(f"{len(self.field_names)} field names for {len(offs) - 1} fields")
+        if not 0 <= self.num_bags <= len(offs) - 1:
+            raise ValueError(f"num_bags={self.num_bags} for {len(offs) - 1} fields")
 
     @property
     def num_fields(self) -> int:
         return len(self.field_offsets) - 1
+
+    @property
+    def num_onehot(self) -> int:
+        """Fields with one id per row (the columns of ``sparse``)."""
+        return self.num_fields - self.num_bags
 
     @property
     def table_rows(self) -> int:
@@ -58,15 +66,16 @@ class FeatureSchema:
             field_offsets=tuple(int(x) for x in np.asarray(data.field_offsets)),
             field_names=tuple(data.field_names),
             num_dense=int(data.num_dense) if use_dense else 0,
+            num_bags=int(data.num_bags),
         )
 
     def to_dict(self) -> dict:
         return {"field_offsets": list(self.field_offsets), "field_names": list(self.field_names),
-                "num_dense": self.num_dense}
+                "num_dense": self.num_dense, "num_bags": self.num_bags}
 
     @classmethod
     def from_dict(cls, d: dict) -> "FeatureSchema":
-        return cls(tuple(d["field_offsets"]), tuple(d["field_names"]), int(d["num_dense"]))
+        return cls(tuple(d["field_offsets"]), tuple(d["field_names"]), int(d["num_dense"]), int(d.get("num_bags", 0)))
 
 
 class FlatEmbedding(nn.Module):
@@ -78,8 +87,14 @@ class FlatEmbedding(nn.Module):
         nn.init.normal_(self.weight, std=init_std)
         self.sparse_grad = False  # True: a sparse COO gradient (for torch's SparseAdam baseline)
 
-    def forward(self, sparse: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.embedding(sparse, self.weight, sparse=self.sparse_grad)
+    def forward(self, sparse: torch.Tensor, bags: Sequence[tuple[torch.Tensor, torch.Tensor]] = ()) -> torch.Tensor:
+        """Rows [B, F + S, W]: one per one-hot id, then each bag's mean row (``offsets`` [B+1])."""
+        emb = torch.nn.functional.embedding(sparse, self.weight, sparse=self.sparse_grad)
+        if not bags:
+            return emb
+        pooled = [torch.nn.functional.embedding_bag(values, self.weight, offsets, mode="mean", sparse=self.sparse_grad,
+                                                    include_last_offset=True) for offsets, values in bags]
+        return torch.cat([emb, torch.stack(pooled, 1)], 1)
 
 
 class CTRModel(nn.Module):
@@ -104,9 +119,13 @@ class CTRModel(nn.Module):
     def embedding_width(self) -> int:
         return (self.embedding_dim if self.uses_vectors else 0) + (1 if self.uses_linear else 0)
 
-    def forward(self, sparse: torch.Tensor, dense: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [B] for global ids ``sparse`` [B, F] (and ``dense`` [B, num_dense])."""
-        return self.forward_embedded(self.embedding(sparse), dense)
+    def forward(self, sparse: torch.Tensor, dense: torch.Tensor | None = None,
+                bags: Sequence[tuple[torch.Tensor, torch.Tensor]] = ()) -> torch.Tensor:
+        """Logits [B] for global ids ``sparse`` [B, F] (and ``dense`` [B, num_dense], and one
+        ``(offsets [B+1], ids)`` pair per bag field of the schema)."""
+        if len(bags) != self.schema.num_bags:
+            raise ValueError(f"{self.name}: the schema has {self.schema.num_bags} bag fields, got {len(bags)}")
+        return self.forward_embedded(self.embedding(sparse, bags), dense)
 
     def forward_embedded(self, emb: torch.Tensor, dense: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B] from looked-up rows ``emb`` [B, F, W] (W = ``embedding_width``)."""

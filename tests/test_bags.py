@@ -1,0 +1,124 @@
+"""Multi-hot bag fields through every stage after the reader: BagField slicing, CTRData checks, the
+batch iterator, the models' pooled lookup and vocabulary mode, each against a plain-Python
+reference."""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from mlfast.batches import BatchLoader
+from mlfast.data import BagField, CTRData
+from mlfast.models import FeatureSchema, build_model, parse_peers
+from mlfast.vocab import Vocabulary
+
+
+def random_bags(rng, n, lo, hi, max_len=5, allow_empty=True):
+    lists = [list(rng.integers(lo, hi, size=rng.integers(0 if allow_empty else 1, max_len + 1))) for _ in range(n)]
+    offsets = np.zeros(n + 1, np.int64)
+    offsets[1:] = np.cumsum([len(x) for x in lists])
+    values = np.array([v for x in lists for v in x], np.int64)
+    return BagField(offsets, values), lists
+
+
+def bag_data(rng, n=37):
+    """3 one-hot fields, then 2 bag fields, in one flat table."""
+    offs = np.array([0, 11, 30, 41, 90, 120], np.int64)
+    sparse = np.stack([rng.integers(offs[f], offs[f + 1], n) for f in range(3)], 1).astype(np.int64)
+    (b1, l1), (b2, l2) = random_bags(rng, n, offs[3], offs[4]), random_bags(rng, n, offs[4], offs[5])
+    d = CTRData(labels=(rng.random(n) < 0.4).astype(np.float32), dense=rng.random((n, 2)).astype(np.float32),
+                dense_missing=np.zeros((n, 2), bool), sparse=sparse, field_offsets=offs,
+                field_names=["a", "b", "c", "hist", "tags"], bags=[b1, b2])
+    return d, [l1, l2]
+
+
+def test_bag_field_take_matches_lists(np_rng):
+    bag, lists = random_bags(np_rng, 50, 0, 1000)
+    for index in (np.array([3, 3, 0, 49, 7]), slice(5, 40, 3), slice(None), np_rng.random(50) < 0.5,
+                  np.array([-1, -50]), np.zeros(0, np.int64)):
+        rows = np.arange(50)[index]
+        got = bag.take(index)
+        assert [got.values[got.offsets[i]:got.offsets[i + 1]].tolist() for i in range(len(rows))] == \
+            [lists[r] for r in rows]
+    assert bag.lengths.tolist() == [len(x) for x in lists]
+    with pytest.raises(ValueError, match="offsets must run"):
+        BagField(np.array([0, 2], np.int64), np.zeros(3, np.int64))
+
+
+def test_ctrdata_with_bags_checks_layout_and_takes_rows(np_rng):
+    d, lists = bag_data(np_rng)
+    assert d.num_fields == 5 and d.num_bags == 2 and d.sparse.shape[1] == 3
+    sub = d.take(np.array([4, 1]))
+    assert [sub.bags[1].values[sub.bags[1].offsets[i]:sub.bags[1].offsets[i + 1]].tolist() for i in (0, 1)] == \
+        [lists[1][4], lists[1][1]]
+    with pytest.raises(ValueError, match="F\\+S\\+1"):
+        CTRData(labels=None, dense=d.dense, dense_missing=d.dense_missing, sparse=d.sparse,
+                field_offsets=d.field_offsets[:-1], field_names=d.field_names[:-1], bags=d.bags)
+    with pytest.raises(ValueError, match="rows"):
+        CTRData(labels=None, dense=d.dense, dense_missing=d.dense_missing, sparse=d.sparse,
+                field_offsets=d.field_offsets, field_names=d.field_names, bags=[d.bags[0], d.bags[1].take(slice(1))])
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_batches_carry_each_rows_bags_once(np_rng, prefetch):
+    d, lists = bag_data(np_rng, n=53)
+    loader = BatchLoader(d, 8, shuffle=True, seed=4, prefetch=prefetch)
+    seen = []
+    for b in loader.epoch(1):
+        assert len(b.bags) == 2
+        for s, (offsets, values) in enumerate(b.bags):
+            assert offsets.shape == (len(b) + 1,) and offsets[0] == 0 and offsets[-1] == values.numel()
+            for i, row in enumerate(b.index.tolist()):
+                assert values[offsets[i]:offsets[i + 1]].tolist() == lists[s][row]
+        seen += b.index.tolist()
+    assert sorted(seen) == list(range(53))
+
+
+@pytest.mark.parametrize("peer", ["lr", "fm", "deepfm", "dcn", "ipnn", "fibinet", "autoint"])
+def test_models_read_bags_as_mean_pooled_fields(np_rng, peer):
+    """forward(sparse, dense, bags) = forward_embedded(rows of the one-hot ids, then each bag's
+    mean row (zeros for an empty bag)), computed here row by row in plain Python."""
+    d, lists = bag_data(np_rng, n=6)
+    schema = FeatureSchema.from_data(d)
+    assert schema.num_bags == 2 and schema.num_fields == 5 and schema.num_onehot == 3
+    torch.manual_seed(0)
+    m = build_model(parse_peers(peer)[0], schema, 4).eval()
+    with torch.no_grad():
+        m.embedding.weight.normal_()
+    w = m.embedding.weight.detach()
+    emb = torch.zeros(6, 5, w.shape[1])
+    for i in range(6):
+        emb[i, :3] = w[torch.from_numpy(d.sparse[i])]
+        for s in range(2):
+            if lists[s][i]:
+                emb[i, 3 + s] = w[torch.tensor(lists[s][i])].mean(0)
+    b = next(iter(BatchLoader(d, 6, prefetch=0, use_dense=False)))
+    with torch.no_grad():
+        torch.testing.assert_close(m(b.sparse, None, b.bags), m.forward_embedded(emb, None), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="2 bag fields"):
+        m(b.sparse, None)
+
+
+def test_vocabulary_counts_every_bag_member(np_rng):
+    """Keys mode: a bag field's vocabulary counts each member occurrence over the training rows;
+    missing (key 0) -> the field's row 0, rare or unseen -> its OOV row."""
+    n, train = 300, np.arange(0, 300, 2)
+    keys = np_rng.integers(1, 12, (n, 2)).astype(np.int64)
+    bag, lists = random_bags(np_rng, n, 1, 25, max_len=4)
+    lists = [x or [0] for x in lists]  # the reader's empty cell: one missing key
+    bag = BagField.from_lengths(np.array([len(x) for x in lists]), np.array([v for x in lists for v in x], np.int64))
+    vocab = Vocabulary.fit(keys, ["a", "b", "hist"], 3, rows=train, backend="numba", bags=[bag])
+    assert vocab.num_bags == 1 and len(vocab.field_offsets) == 4
+    counts = Counter(v for r in train for v in lists[r] if v != 0)
+    kept = sorted((v for v, c in counts.items() if c >= 3), key=lambda v: (-counts[v], v))
+    base = int(vocab.field_offsets[2])
+    expect = [base + (0 if v == 0 else kept.index(v) + 1 if v in kept else len(kept) + 1) for x in lists for v in x]
+    (mapped,) = vocab.transform_bags([bag])
+    assert mapped.values.tolist() == expect and np.array_equal(mapped.offsets, bag.offsets)
+    assert vocab.transform(keys).shape == (n, 2)
+    again = Vocabulary.from_state(vocab.to_state())
+    assert again.num_bags == 1 and again.transform_bags([bag])[0].values.tolist() == expect
+    with pytest.raises(ValueError, match="bag fields"):
+        vocab.transform_bags([])
