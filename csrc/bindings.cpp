@@ -29,8 +29,9 @@ Kind kind_from_name(const std::string& s) {
   if (s == "text") return Kind::kText;
   if (s == "float") return Kind::kFloat;
   if (s == "hour") return Kind::kHour;
+  if (s == "textseq") return Kind::kTextSeq;
   throw std::invalid_argument("unknown column kind '" + s +
-                              "' (expected ignore, label, int, hex, text, float or hour)");
+                              "' (expected ignore, label, int, hex, text, float, hour or textseq)");
 }
 
 ReaderSpec spec_from_dict(const py::dict& d) {
@@ -55,6 +56,12 @@ ReaderSpec spec_from_dict(const py::dict& d) {
   s.field_ids = d["field_ids"].cast<std::vector<uint64_t>>();
   s.buckets = d["buckets"].cast<std::vector<uint64_t>>();
   s.offsets = d["offsets"].cast<std::vector<int64_t>>();
+  if (d.contains("num_bags")) s.num_bags = d["num_bags"].cast<int>();
+  if (d.contains("bag_separator")) {
+    const auto sep = d["bag_separator"].cast<std::string>();
+    if (sep.size() != 1) throw std::invalid_argument("bag_separator must be one byte, got '" + sep + "'");
+    s.bag_separator = sep[0];
+  }
   s.seed = d["seed"].cast<uint64_t>();
   s.keys = d["keys"].cast<bool>();
   s.skip_bad = d["skip_bad"].cast<bool>();
@@ -90,6 +97,15 @@ py::dict chunk_to_dict(Chunk& c, const ReaderSpec& s) {
   d["dense"] = take<float>(c.dense, n, s.num_dense);
   d["dense_missing"] = take<bool>(c.missing, n, s.num_dense);
   d["sparse"] = take<int64_t>(c.sparse, n, s.num_sparse());
+  if (s.num_bags > 0) {
+    d["bag_lengths"] = take<int64_t>(c.bag_lengths, n, s.num_bags);
+    py::list values;
+    for (BagValues& b : c.bags) {
+      py::array a = take<int64_t>(b.buffer(), b.size(), 1);
+      values.append(a.attr("reshape")(b.size()));
+    }
+    d["bag_values"] = values;
+  }
   py::dict skipped;
   for (int k = 1; k < kNumReasons; ++k)
     if (c.skipped[k]) skipped[kReasonNames[k]] = c.skipped[k];
@@ -203,6 +219,8 @@ py::tuple parse_value(const std::string& kind, const py::bytes& data) {
     }
     case Kind::kIgnore:
       break;
+    case Kind::kTextSeq:
+      throw std::invalid_argument("parse_value does not take textseq (a bag of text values): parse each as text");
   }
   return py::make_tuple(r == kOk ? py::object(py::none()) : py::str(kReasonNames[r]), value);
 }

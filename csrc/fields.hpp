@@ -34,13 +34,14 @@ enum Reason : uint8_t {
   kBadFloat,
   kBadHour,
   kInvalidUtf8,
+  kBadSequence,  // a textseq cell with an empty value ("a^^b", "^a", "a^")
   kBlankLine,
   kNumReasons
 };
 
 inline const char* const kReasonNames[kNumReasons] = {
-    "ok",        "field_count", "bad_integer", "integer_overflow", "bad_categorical",
-    "bad_label", "bad_float",   "bad_hour",    "invalid_utf8",     "blank_line"};
+    "ok",        "field_count", "bad_integer", "integer_overflow", "bad_categorical", "bad_label",
+    "bad_float", "bad_hour",    "invalid_utf8", "bad_sequence",    "blank_line"};
 
 inline bool is_digit(unsigned char c) { return static_cast<unsigned>(c - '0') < 10u; }
 

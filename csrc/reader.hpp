@@ -1,8 +1,8 @@
 // The schema-driven delimited-log parser behind mlfast.reader.
 //
 // A line is split on one delimiter byte into columns; each column has a Kind that says what its
-// bytes must look like and which outputs (label, dense column, sparse field) it writes. Criteo,
-// Avazu and generic CSV/TSV logs are ReaderSpecs built in mlfast/reader.py.
+// bytes must look like and which outputs (label, dense column, sparse field, bag field) it writes.
+// Criteo, Avazu and generic CSV/TSV logs are ReaderSpecs built in mlfast/reader.py.
 //
 // Input is read in blocks of whole lines, a few MiB per thread (the partial last line carries
 // over to the next block), so a file of any size streams through bounded memory and each block
@@ -30,20 +30,21 @@
 namespace mlfast {
 
 enum class Kind : uint8_t {
-  kIgnore = 0,  // bytes not looked at
-  kLabel = 1,   // "0" / "1" -> labels
-  kInt = 2,     // Criteo integer -> dense signed_log1p (+ FuxiCTR bucket as a sparse field)
-  kHex = 3,     // 1-8 hex digits -> sparse, value int(hex, 16)
-  kText = 4,    // UTF-8 text -> sparse, value fnv1a64(bytes)
-  kFloat = 5,   // decimal -> dense (signed_log1p or identity)
-  kHour = 6,    // Avazu YYMMDDHH -> three sparse fields: hour, weekday, weekend
+  kIgnore = 0,   // bytes not looked at
+  kLabel = 1,    // "0" / "1" -> labels
+  kInt = 2,      // Criteo integer -> dense signed_log1p (+ FuxiCTR bucket as a sparse field)
+  kHex = 3,      // 1-8 hex digits -> sparse, value int(hex, 16)
+  kText = 4,     // UTF-8 text -> sparse, value fnv1a64(bytes)
+  kFloat = 5,    // decimal -> dense (signed_log1p or identity)
+  kHour = 6,     // Avazu YYMMDDHH -> three sparse fields: hour, weekday, weekend
+  kTextSeq = 7,  // UTF-8 texts joined by the bag separator -> one bag field, each value as kText
 };
 
 struct ColumnSpec {
   Kind kind = Kind::kIgnore;
   std::string name;
   int32_t dense = -1;   // output dense column or -1
-  int32_t sparse = -1;  // output sparse field (kHour: the first of three) or -1
+  int32_t sparse = -1;  // output sparse field (kHour: the first of three; kTextSeq: its bag field) or -1
   bool log = true;      // kFloat: apply signed_log1p
 };
 
@@ -53,9 +54,13 @@ struct ReaderSpec {
   std::vector<ColumnSpec> columns;
   int num_dense = 0;
   bool has_label = false;
-  std::vector<uint64_t> field_ids;  // per sparse field: the hash's field id
-  std::vector<uint64_t> buckets;    // per sparse field
-  std::vector<int64_t> offsets;     // F + 1
+  // Per field: the F one-hot fields (the columns of the sparse output), then the num_bags bag
+  // fields (multi-hot: a variable number of ids per row).
+  std::vector<uint64_t> field_ids;  // the hash's field id
+  std::vector<uint64_t> buckets;
+  std::vector<int64_t> offsets;     // F + num_bags + 1
+  int num_bags = 0;
+  char bag_separator = '^';  // between the values of a kTextSeq cell
   uint64_t seed = 0;
   bool keys = false;      // emit raw 64-bit keys (missing = 0, a real 0 key becomes 1)
   bool skip_bad = false;  // drop bad lines (counted) instead of failing
@@ -63,7 +68,7 @@ struct ReaderSpec {
   size_t block_bytes = size_t(64) << 20;        // input per chunk (next_chunk)
   size_t min_range_bytes = size_t(256) << 10;  // smallest per-thread share of a block
   bool vector_hash = true;                      // allow hash_row_avx512 (tests turn it off)
-  int num_sparse() const { return static_cast<int>(field_ids.size()); }
+  int num_sparse() const { return static_cast<int>(field_ids.size()) - num_bags; }  // F
 };
 
 // The first bad line of the input (error mode). Formatted into mlfast.reader.ParseError.
@@ -140,9 +145,31 @@ class RowBuffer {
   size_t row_bytes_ = 0;
 };
 
+// The ids of one bag field, all rows' concatenated in row order: a growable int64 array.
+class BagValues {
+ public:
+  int64_t size() const { return size_; }
+  void push(int64_t id) {
+    if (size_ == ids_.capacity()) grow(size_ + 1);
+    reinterpret_cast<int64_t*>(ids_.row(0))[size_++] = id;
+  }
+  void truncate(int64_t size) { size_ = size; }
+  // Moves other's ids to the end of this one and empties other (keeping its memory).
+  void append(BagValues* other);
+  void shrink() { ids_.shrink_to(size_); }
+  RowBuffer& buffer() { return ids_; }
+
+ private:
+  void grow(int64_t size);
+  RowBuffer ids_{sizeof(int64_t)};
+  int64_t size_ = 0;
+};
+
 // Parsed rows: what one next_chunk() / read_all() returns.
 struct Chunk {
   RowBuffer labels, dense, missing, sparse;
+  RowBuffer bag_lengths;        // [rows, num_bags] int64: each row's number of ids per bag field
+  std::vector<BagValues> bags;  // num_bags
   int64_t rows = 0;
   int64_t first_line = 0;  // 1-based line number of the first line this chunk covered
   int64_t end_line = 0;    // one past the last line covered
@@ -211,6 +238,7 @@ class Reader {
     float* dense;
     uint8_t* missing;
     int64_t* sparse;
+    int64_t* bag_lengths;
   };
   struct Result {
     int64_t rows = 0;
@@ -228,12 +256,20 @@ class Reader {
   Chunk new_chunk() const;
   // Parses one block into c; expect_bytes: the input c should cover in all (sizes its buffers).
   void parse_block(const BlockReader::Block& b, Chunk* c, uint64_t expect_bytes);
-  Result parse_range(const char* begin, const char* end, int64_t first_line, Out out, int64_t max_rows) const;
+  // Fixed-width outputs go to out, bag ids are appended to bags (num_bags of them).
+  Result parse_range(const char* begin, const char* end, int64_t first_line, Out out, int64_t max_rows,
+                     BagValues* bags) const;
   void reserve(Chunk* c, int64_t rows) const;
   int64_t capacity(const Chunk& c) const;
   Out out_at(const Chunk& c, int64_t row) const;
   int parse_line(const uintptr_t* ends, float* label, float* dense, uint8_t* missing, uint64_t* vals,
                  uint8_t* absent, Reason* why) const;
+  struct BagOut {
+    BagValues* bags;   // num_bags arrays the ids are appended to
+    int64_t* lengths;  // the current row's slot of the bag_lengths output
+  };
+  int parse_bags(const uintptr_t* ends, int bad_col, Reason* why, BagOut* out) const;
+  Reason parse_bag(const unsigned char* p, size_t n, int f, BagValues* bag, int64_t* length) const;
   void hash_row(const uint64_t* vals, const uint8_t* absent, int64_t* sparse) const;
   [[noreturn]] void fail(const Result& r) const;
 
@@ -260,7 +296,10 @@ class Reader {
   bool keys_;
   int ncols_;
   int num_sparse_;
+  int num_bags_;
   int num_dense_;
+  std::vector<int> bag_cols_;                      // the kTextSeq columns
+  std::vector<std::vector<BagValues>> range_bags_;  // bag ids of a block's ranges after the first
   BlockReader blocks_;
   bool at_start_ = true;
   bool header_pending_;

@@ -9,7 +9,7 @@ import numpy as np
 import numpy.typing as npt
 from typing_extensions import Buffer
 
-REASONS: list[str]  # stable skip / error reasons, "field_count" ... "blank_line"
+REASONS: list[str]  # stable skip / error reasons, "field_count" ... "bad_sequence", "blank_line"
 INT_TABLE_SIZE: int  # Criteo integers in [0, INT_TABLE_SIZE) take the table path
 AVX512_HASH: bool  # this CPU hashes 4 fields at a time (power-of-two buckets or keys; see csrc/hash_rows.hpp)
 
@@ -21,15 +21,32 @@ class Reader:
     """Streaming parser of one file (plain or gzip) under a spec dict built by mlfast.reader:
     delimiter, header, columns [(kind, name, dense, sparse, log)], num_dense, has_label,
     field_ids, buckets, offsets, seed, keys, skip_bad, num_threads, block_bytes,
-    min_range_bytes. Raises OSError subclasses for files it cannot open or read, ValueError for
-    a bad spec or corrupt gzip data."""
+    min_range_bytes, vector_hash, and optionally num_bags (S, default 0) and bag_separator (one
+    byte, default "^"; with bags it must differ from the delimiter and not be a line break).
+
+    Column kinds: ignore, label, int, hex, text, float, hour, and textseq: a multi-hot column,
+    texts joined by bag_separator (FuxiCTR's "170301^573514"). field_ids / buckets (F + S) and
+    offsets (F + S + 1) list the F one-hot fields first, then the S bag fields; a textseq
+    column's `sparse` is its bag field's index in [F, F + S), each bag field has exactly one
+    textseq column and no other column points at one. Each value of a textseq cell is hashed as
+    a text value of its bag field (invalid_utf8 likewise); an empty cell is a bag of one id, the
+    field's missing row (keys: 0); an empty value inside a cell ("a^^b", "^a", "a^") makes the
+    line bad_sequence.
+
+    Raises OSError subclasses for files it cannot open or read, ValueError for a bad spec or
+    corrupt gzip data."""
 
     def __init__(self, path: str, spec: dict[str, Any]) -> None: ...
     def next_chunk(self) -> Optional[dict[str, Any]]:
         """The next block's rows: {"labels": float32[N] | None, "dense": float32[N, Dd],
         "dense_missing": bool[N, Dd], "sparse": int64[N, F], "skipped": {reason: count},
         "first_line", "end_line", "input_bytes"}; None at the end. A chunk has rows, except a last
-        one that only carries the skip counts of blank or bad lines at the end of the input."""
+        one that only carries the skip counts of blank or bad lines at the end of the input.
+
+        With num_bags S > 0 also "bag_lengths": int64[N, S] (row r's number of ids in bag field
+        s, at least 1) and "bag_values": a list of S int64 arrays, bag field s's ids of all the
+        chunk's rows concatenated in row order (len(bag_values[s]) == bag_lengths[:, s].sum());
+        with S = 0 neither key is there."""
     def read_all(self) -> dict[str, Any]:
         """Everything left, as one dict shaped like next_chunk()'s."""
     @property
@@ -58,7 +75,8 @@ def int_features(values: npt.ArrayLike) -> tuple[npt.NDArray[np.float32], npt.ND
 
 def parse_value(kind: str, data: bytes) -> tuple[Optional[str], Any]:
     """One field parsed as the reader does: (None, value) or (reason, None). kind: label, int,
-    hex, text, float or hour (value (hour, weekday, weekend))."""
+    hex, text, float or hour (value (hour, weekday, weekend)); not textseq (ValueError): parse
+    each of its values as text."""
 
 def release_memory() -> int:
     """Unmap the released output buffers the reader keeps for reuse; returns the bytes freed."""
