@@ -75,12 +75,13 @@ def _check_widths(widths: Sequence[int], total: int | None = None) -> tuple[int,
     return ws
 
 
-def _check_device(*tensors: torch.Tensor) -> None:
+def _check_device(*tensors: torch.Tensor, kernels: bool = True) -> None:
+    """One device for all; with ``kernels``, one the Triton kernels can run on."""
     dev = tensors[0].device
     for t in tensors[1:]:
         if t.device != dev:
             raise ValueError(f"all tensors must be on one device, got {dev} and {t.device}")
-    if dev.type != "cuda" and not kernels_interpreted():
+    if kernels and dev.type != "cuda" and not kernels_interpreted():
         raise RuntimeError(
             f"the Triton kernels are compiled for the GPU but got {dev} tensors: run on CUDA, set "
             "TRITON_INTERPRET=1 before triton is first imported, or use PeerTables(backend='cpu')"
@@ -250,8 +251,9 @@ def _embedding_bag_fwd_kernel(
 
 
 def check_bags(weight: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor, widths: Sequence[int],
-               per_sample_weights: torch.Tensor | None, mode: str) -> tuple[int, ...]:
-    """Validate a bag lookup's arguments (shapes, dtypes, devices, mode); returns the widths."""
+               per_sample_weights: torch.Tensor | None, mode: str, kernels: bool = True) -> tuple[int, ...]:
+    """Validate a bag lookup's arguments (shapes, dtypes, devices, mode); returns the widths.
+    ``kernels=False``: the caller runs a non-Triton backend (any device will do)."""
     _check_table(weight)
     ws = _check_widths(widths, weight.shape[1])
     if mode not in ("sum", "mean"):
@@ -268,7 +270,7 @@ def check_bags(weight: torch.Tensor, indices: torch.Tensor, offsets: torch.Tenso
             raise ValueError(f"per_sample_weights must be [nnz={indices.numel()}], "
                              f"got {tuple(per_sample_weights.shape)}")
     tensors = [weight, indices, offsets] + ([per_sample_weights] if per_sample_weights is not None else [])
-    _check_device(*tensors)
+    _check_device(*tensors, kernels=kernels)
     return ws
 
 

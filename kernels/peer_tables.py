@@ -344,7 +344,7 @@ class PeerTables:
             if o.shape != (B + 1,):
                 raise ValueError(f"each bag field needs offsets [B+1={B + 1}], got {tuple(o.shape)}")
         indices, offsets = merge_bag_fields(bags)
-        check_bags(self.weight, indices, offsets, self.widths, None, mode)
+        check_bags(self.weight, indices, offsets, self.widths, None, mode, kernels=self.backend == "triton")
         if requires_grad is None:
             requires_grad = torch.is_grad_enabled()
         if not requires_grad:
@@ -369,7 +369,8 @@ class PeerTables:
             >>> a.shape, b.shape
             (torch.Size([3, 17]), torch.Size([3, 16]))
         """
-        check_bags(self.weight, indices, offsets, self.widths, per_sample_weights, mode)
+        check_bags(self.weight, indices, offsets, self.widths, per_sample_weights, mode,
+                   kernels=self.backend == "triton")
         if requires_grad is None:
             requires_grad = torch.is_grad_enabled()
         if not requires_grad:

@@ -1,8 +1,9 @@
 """Binary cache of parsed click logs: columnar, memory-mapped, verified on every load.
 
 The first ``read_*`` of a file streams the parser's chunks into one raw file per column
-(``labels.bin``, ``dense.bin``, ``dense_missing.bin``, ``sparse.bin``), so files larger than RAM
-work, then writes ``manifest.json`` last and renames the finished directory into place: an entry
+(``labels.bin``, ``dense.bin``, ``dense_missing.bin``, ``sparse.bin``; with bag fields
+``bag_lengths.bin`` and one ``bag_values_<s>.bin`` each, whose length is the bag's id count),
+so files larger than RAM work, then writes ``manifest.json`` last and renames the finished directory into place: an entry
 is complete or absent. Later reads memory-map the columns.
 
 An entry is keyed by the source's absolute path and the full reader configuration (format,
@@ -63,14 +64,23 @@ def default_cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "mlfast"
 
 
-def ctr_columns(has_label: bool, num_dense: int, num_sparse: int) -> dict[str, tuple[np.dtype, int | None]]:
-    """The cached columns of a CTRData: name -> (dtype, width; None for a 1-D column)."""
+RAGGED = "ragged"  # the width of a 1-D column whose length is its own (not the row count)
+
+
+def ctr_columns(has_label: bool, num_dense: int, num_sparse: int,
+                num_bags: int = 0) -> dict[str, tuple[np.dtype, int | str | None]]:
+    """The cached columns of a CTRData: name -> (dtype, width; None for a 1-D column of one value per
+    row, ``RAGGED`` for a 1-D column of any length: a bag field's ids)."""
     cols: dict[str, tuple[np.dtype, int | None]] = {}
     if has_label:
         cols["labels"] = (np.dtype(np.float32), None)
     cols["dense"] = (np.dtype(np.float32), num_dense)
     cols["dense_missing"] = (np.dtype(np.bool_), num_dense)
     cols["sparse"] = (np.dtype(np.int64), num_sparse)
+    if num_bags:
+        cols["bag_lengths"] = (np.dtype(np.int64), num_bags)
+        for s in range(num_bags):
+            cols[f"bag_values_{s}"] = (np.dtype(np.int64), RAGGED)
     return cols
 
 
@@ -93,8 +103,8 @@ def entry_path(cache_dir: str | os.PathLike, source: str | os.PathLike, config: 
     return Path(cache_dir) / f"{stem}-{digest}"
 
 
-def _shape(rows: int, width: int | None) -> tuple[int, ...]:
-    return (rows,) if width is None else (rows, width)
+def _shape(rows: int, width: int | str | None) -> tuple[int, ...]:
+    return (rows,) if width is None or width == RAGGED else (rows, width)
 
 
 def _empty_digest() -> int:
@@ -128,7 +138,13 @@ def _load(entry: Path, source: str, config: dict[str, Any], columns: dict[str, t
             col = manifest["columns"][name]
             if col["file"] != f"{name}.bin":  # never follow a manifest out of its entry
                 raise CacheInvalid(f"{name}: unexpected file name {col['file']!r}")
-            shape = _shape(rows, width)
+            if width == RAGGED:
+                n = col["shape"][0] if isinstance(col.get("shape"), list) and len(col["shape"]) == 1 else None
+                if not isinstance(n, int) or n < 0:
+                    raise CacheInvalid(f"{name}: bad shape {col.get('shape')!r}")
+                shape = (n,)
+            else:
+                shape = _shape(rows, width)
             if col["dtype"] != dtype.str or tuple(col["shape"]) != shape:
                 raise CacheInvalid(f"{name}: {col['dtype']} {col['shape']}, expected {dtype.str} {list(shape)}")
             nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
@@ -143,6 +159,12 @@ def _load(entry: Path, source: str, config: dict[str, Any], columns: dict[str, t
                 if f"{digest:016x}" != col["checksum"]:
                     raise CacheInvalid(f"checksum mismatch in {col['file']} (corrupt)")
             arrays[name] = arr
+        if "bag_lengths" in arrays:  # each bag's ids must be exactly what its row lengths add up to
+            totals = np.asarray(arrays["bag_lengths"]).sum(0)
+            for s, total in enumerate(totals):
+                if int(total) != len(arrays[f"bag_values_{s}"]):
+                    raise CacheInvalid(f"bag_values_{s}.bin holds {len(arrays[f'bag_values_{s}'])} ids, "
+                                       f"bag_lengths say {int(total)}")
         extra = manifest["extra"]
         arrays.setdefault("labels", None)
         arrays["skipped"] = {str(k): int(v) for k, v in extra["skipped"].items()}
@@ -198,6 +220,7 @@ def _build(root: Path, entry: Path, source: str, config: dict[str, Any],
             raise _WriteFailed(e) from None
         sums = {name: _native.Checksum() for name in columns}
         rows, lines, skipped = 0, 0, Counter()
+        lengths = {name: 0 for name, (_, width) in columns.items() if width == RAGGED}
         # Parse and write overlap: a writer thread stores block k (write + checksum, both without
         # the GIL) while the parser reads block k + 1.
         pending: queue.Queue = queue.Queue(maxsize=1)
@@ -223,6 +246,8 @@ def _build(root: Path, entry: Path, source: str, config: dict[str, Any],
                     break
                 pending.put({name: chunk[name] for name in columns})
                 rows += int(chunk["sparse"].shape[0])
+                for name in lengths:
+                    lengths[name] += len(chunk[name])
                 lines = int(chunk["end_line"]) - 1
                 skipped.update(chunk["skipped"])
                 del chunk
@@ -245,7 +270,8 @@ def _build(root: Path, entry: Path, source: str, config: dict[str, Any],
             "config": _normalized(config),
             "rows": rows,
             "columns": {
-                name: {"file": f"{name}.bin", "dtype": dtype.str, "shape": list(_shape(rows, width)),
+                name: {"file": f"{name}.bin", "dtype": dtype.str,
+                       "shape": [lengths[name]] if width == RAGGED else list(_shape(rows, width)),
                        "nbytes": int(sums[name].nbytes), "checksum": f"{sums[name].digest():016x}"}
                 for name, (dtype, width) in columns.items()
             },

@@ -49,6 +49,10 @@ def _add_reader_args(p: argparse.ArgumentParser) -> None:
     d.add_argument("--label", help="label column (header name or 0-based index)")
     d.add_argument("--categorical", help="comma-separated categorical columns")
     d.add_argument("--numeric", help="comma-separated numeric columns (log-transformed)")
+    d.add_argument("--sequence", help="comma-separated multi-hot columns (lists such as a click history "
+                                      "'170301^573514': one mean-pooled bag field each)")
+    d.add_argument("--sequence-separator", default=None, help="separator of the values in a --sequence column "
+                                                              "(default '^')")
     d.add_argument("--delimiter", default=None, help="field delimiter (default ',')")
     d.add_argument("--no-header", action="store_true", help="the file has no header row")
 
@@ -67,7 +71,7 @@ def _reader_options(a: argparse.Namespace) -> dict:
         buckets = parts[0] if len(parts) == 1 else parts
     fmt = {"criteo": "auto"}.get(a.format, a.format)
     schema = None
-    if a.label or a.categorical or a.numeric or a.delimiter or a.no_header:
+    if a.label or a.categorical or a.numeric or a.delimiter or a.no_header or a.sequence or a.sequence_separator:
         if not a.categorical:
             raise UsageError("a generic delimited log needs --categorical (and usually --label)")
         if a.format != "auto":
@@ -80,7 +84,8 @@ def _reader_options(a: argparse.Namespace) -> dict:
         if label is not None and label.isdigit() and a.no_header:
             label = int(label)
         schema = {"delimiter": a.delimiter or ",", "header": not a.no_header, "label": label,
-                  "numeric": cols(a.numeric or ""), "categorical": cols(a.categorical), "numeric_transform": "log"}
+                  "numeric": cols(a.numeric or ""), "categorical": cols(a.categorical), "numeric_transform": "log",
+                  "sequence": cols(a.sequence or ""), "sequence_separator": a.sequence_separator or "^"}
     if a.min_count is not None and a.min_count < 1:
         raise UsageError(f"--min-count {a.min_count}: expected >= 1")
     return reader_options(format=fmt, hash_buckets=buckets, hash_seed=a.hash_seed,

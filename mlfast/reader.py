@@ -16,7 +16,9 @@ the value is missing (empty).
 * A bad line raises :class:`ParseError` (file, line, field, what was found and expected), or with
   ``on_bad_line="skip"`` is dropped and counted in ``CTRData.skipped`` under a stable reason:
   ``field_count, bad_integer, integer_overflow, bad_categorical, bad_label, bad_float, bad_hour,
-  invalid_utf8`` (and ``blank_line``, which is never an error).
+  invalid_utf8, bad_sequence`` (and ``blank_line``, which is never an error).
+* Generic logs may have multi-hot columns (``DelimitedSchema.sequence``, e.g. a click history
+  ``170301^573514``): each becomes a :class:`mlfast.data.BagField` in ``CTRData.bags``.
 
 Line endings may be ``\\n`` or ``\\r\\n``; the last line may lack its newline; a UTF-8 byte-order mark
 at the start of the file is ignored. Fields are not quoted: a delimiter always ends a field.
@@ -42,7 +44,7 @@ import numpy as np
 from . import _native
 from . import cache as _cache
 from . import hashing
-from .data import CTRData
+from .data import BagField, CTRData
 
 __all__ = [
     "ParseError",
@@ -86,6 +88,7 @@ _EXPECTED = {
     "bad_float": "a finite decimal number such as 3.5 or -2e-3 (empty = missing)",
     "bad_hour": "an hour YYMMDDHH: 8 digits forming a valid date (20YY) and hour 00-23",
     "invalid_utf8": "valid UTF-8 text",
+    "bad_sequence": "values separated by the sequence separator, none of them empty (an empty cell = missing)",
 }
 
 
@@ -114,12 +117,17 @@ class DelimitedSchema:
     parsed as decimals, transformed (``numeric_transform``: ``"log"`` = :func:`hashing.signed_log1p`,
     or ``"none"``) and become ``dense`` (missing -> 0 with the mask set); ``categorical`` columns
     are hashed as text (``fnv1a64`` of their UTF-8 bytes) into sparse fields, in the order listed;
-    the label must be ``0``/``1``; other columns are ignored. A field's hash id is its 1-based
-    column number.
+    ``sequence`` columns hold lists of values separated by ``sequence_separator`` (FuxiCTR's
+    sequence features, e.g. a click history ``170301^573514``): each value is hashed as a
+    categorical of that column and the column becomes a multi-hot bag field (``CTRData.bags``,
+    after the categorical fields); an empty cell is a bag holding the field's missing row, an
+    empty value inside a list (``a^^b``) is a bad line (``bad_sequence``). The label must be
+    ``0``/``1``; other columns are ignored. A field's hash id is its 1-based column number.
 
     Example::
 
-        >>> s = DelimitedSchema(delimiter=",", label="clk", numeric=["price"], categorical=["userid", "pid"])
+        >>> s = DelimitedSchema(delimiter=",", label="clk", numeric=["price"], categorical=["userid", "pid"],
+        ...                     sequence=["click_sequence"])
     """
 
     delimiter: str = ","
@@ -128,6 +136,8 @@ class DelimitedSchema:
     numeric: list[str | int] = field(default_factory=list)
     categorical: list[str | int] = field(default_factory=list)
     numeric_transform: str = "log"
+    sequence: list[str | int] = field(default_factory=list)
+    sequence_separator: str = "^"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -147,7 +157,8 @@ class _Layout:
 
 def _layout(fmt: str, *, delimiter: str, header: bool, columns: list[tuple], field_names: list[str],
             field_ids: list[int], kinds: list[str], dense_names: list[str], hash_buckets, hash_seed: int,
-            keys: bool, on_bad_line: str, expected: str, extra: dict[str, Any]) -> _Layout:
+            keys: bool, on_bad_line: str, expected: str, extra: dict[str, Any], num_bags: int = 0,
+            bag_separator: str = "^") -> _Layout:
     if on_bad_line not in ("error", "skip"):
         raise ValueError(f"on_bad_line must be 'error' or 'skip', got {on_bad_line!r}")
     if not isinstance(hash_seed, (int, np.integer)):
@@ -169,6 +180,8 @@ def _layout(fmt: str, *, delimiter: str, header: bool, columns: list[tuple], fie
         "seed": seed,
         "keys": bool(keys),
         "skip_bad": on_bad_line == "skip",
+        "num_bags": int(num_bags),
+        "bag_separator": bag_separator,
     }
     config = {
         "reader_version": READER_VERSION,
@@ -185,6 +198,8 @@ def _layout(fmt: str, *, delimiter: str, header: bool, columns: list[tuple], fie
         "on_bad_line": on_bad_line,
         **extra,
     }
+    if num_bags:  # cache keys of logs without bags stay as they were
+        config.update(num_bags=int(num_bags), bag_separator=bag_separator)
     return _Layout(fmt, spec, list(field_names), list(dense_names), offsets, expected, config)
 
 
@@ -241,6 +256,10 @@ def _delimited_layout(path: str, schema: DelimitedSchema, hash_buckets, hash_see
         raise ValueError(f"delimiter must be one ASCII character other than a line break, got {schema.delimiter!r}")
     if schema.numeric_transform not in ("log", "none"):
         raise ValueError(f"numeric_transform must be 'log' or 'none', got {schema.numeric_transform!r}")
+    sep = schema.sequence_separator
+    if len(sep) != 1 or sep in "\r\n" or len(sep.encode()) != 1 or sep == schema.delimiter:
+        raise ValueError(f"sequence_separator must be one ASCII character other than a line break and the "
+                         f"delimiter, got {sep!r}")
     line_no, first = _first_line(path)
     cells = first.split(schema.delimiter.encode())
     if schema.header:
@@ -280,6 +299,9 @@ def _delimited_layout(path: str, schema: DelimitedSchema, hash_buckets, hash_see
     categorical = [index(r, "categorical") for r in schema.categorical]
     for i in categorical:
         claim(i, "categorical")
+    sequence = [index(r, "sequence") for r in schema.sequence]
+    for i in sequence:
+        claim(i, "sequence")
     columns: list[tuple] = []
     log = schema.numeric_transform == "log"
     for i, name in enumerate(names):
@@ -289,16 +311,20 @@ def _delimited_layout(path: str, schema: DelimitedSchema, hash_buckets, hash_see
             columns.append(("float", name, numeric.index(i), -1, log))
         elif i in categorical:
             columns.append(("text", name, -1, categorical.index(i), False))
+        elif i in sequence:
+            columns.append(("textseq", name, -1, len(categorical) + sequence.index(i), False))
         else:
             columns.append(("ignore", name, -1, -1, False))
     delim_name = {",": "comma", "\t": "tab", ";": "semicolon", "|": "pipe", " ": "space"}.get(
         schema.delimiter, repr(schema.delimiter))
     expected = f"{len(names)} {delim_name}-separated fields"
+    fields = categorical + sequence
     return _layout("delimited", delimiter=schema.delimiter, header=schema.header, columns=columns,
-                   field_names=[names[i] for i in categorical], field_ids=[i + 1 for i in categorical],
-                   kinds=["cat"] * len(categorical), dense_names=[names[i] for i in numeric],
+                   field_names=[names[i] for i in fields], field_ids=[i + 1 for i in fields],
+                   kinds=["cat"] * len(fields), dense_names=[names[i] for i in numeric],
                    hash_buckets=hash_buckets, hash_seed=hash_seed, keys=keys, on_bad_line=on_bad_line,
-                   expected=expected, extra={"numeric_transform": schema.numeric_transform})
+                   expected=expected, extra={"numeric_transform": schema.numeric_transform},
+                   num_bags=len(sequence), bag_separator=sep)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -427,8 +453,24 @@ def _native_reader(path: str, layout: _Layout, num_threads: int, chunk_bytes: in
     return _native.Reader(path, spec)
 
 
+def _bags(arrays: dict[str, Any], layout: _Layout) -> list[BagField]:
+    nb = layout.spec["num_bags"]
+    if not nb:
+        return []
+    lengths = arrays["bag_lengths"]
+    return [BagField.from_lengths(lengths[:, s], arrays[f"bag_values_{s}"]) for s in range(nb)]
+
+
+def _flat(chunk: dict[str, Any]) -> dict[str, Any]:
+    """A native chunk with its list of bag value arrays as ``bag_values_<s>`` entries (cache columns)."""
+    for s, values in enumerate(chunk.pop("bag_values", ())):
+        chunk[f"bag_values_{s}"] = values
+    return chunk
+
+
 def _to_data(arrays: dict[str, Any], layout: _Layout, path: str, meta: dict[str, Any]) -> CTRData:
     return CTRData(
+        bags=_bags(arrays, layout),
         labels=arrays["labels"],
         dense=arrays["dense"],
         dense_missing=arrays["dense_missing"],
@@ -462,7 +504,7 @@ def _iter_native(path: str, layout: _Layout, num_threads: int, chunk_bytes: int)
             raise _parse_error(path, layout, e) from None
         if chunk is None:
             return
-        yield chunk
+        yield _flat(chunk)
         # Drop our reference before parsing the next block: once the consumer drops its own,
         # the buffers return to the native pool and the next block reuses their pages.
         del chunk
@@ -471,7 +513,9 @@ def _iter_native(path: str, layout: _Layout, num_threads: int, chunk_bytes: int)
 def _read(path: str, layout: _Layout, num_threads: int | None, cache: bool, cache_dir, chunk_bytes: int) -> CTRData:
     threads = _threads(num_threads)
     if cache:
-        columns = _cache.ctr_columns(layout.spec["has_label"], len(layout.dense_names), len(layout.field_names))
+        nb = layout.spec["num_bags"]
+        columns = _cache.ctr_columns(layout.spec["has_label"], len(layout.dense_names),
+                                     len(layout.field_names) - nb, nb)
         result = _cache.cached_read(path, layout.config, lambda: _iter_native(path, layout, threads, chunk_bytes),
                                     columns, cache_dir=cache_dir, num_threads=threads)
         if result is not None:
@@ -479,7 +523,7 @@ def _read(path: str, layout: _Layout, num_threads: int | None, cache: bool, cach
             return _to_data(arrays, layout, path, _meta(layout, threads, cache=info, lines=arrays["lines"]))
     reader = _native_reader(path, layout, threads, chunk_bytes)
     try:
-        arrays = reader.read_all()
+        arrays = _flat(reader.read_all())
     except _native.ParseFailure as e:
         raise _parse_error(path, layout, e) from None
     info = {"status": "disabled", "path": None}

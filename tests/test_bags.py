@@ -122,3 +122,41 @@ def test_vocabulary_counts_every_bag_member(np_rng):
     assert again.num_bags == 1 and again.transform_bags([bag])[0].values.tolist() == expect
     with pytest.raises(ValueError, match="bag fields"):
         vocab.transform_bags([])
+
+
+def history_data(rng, n=24000, items=300):
+    """Labels driven by a click history: p = sigmoid(3 * mean(item weight over the bag) - 1), plus
+    two one-hot fields of noise. Returns the data with the bag field and the Bayes AUC."""
+    from mlfast.metrics import roc_auc
+
+    weight = rng.normal(size=items)
+    lengths = rng.integers(1, 7, n)
+    offsets = np.zeros(n + 1, np.int64)
+    offsets[1:] = np.cumsum(lengths)
+    members = rng.integers(0, items, int(offsets[-1]))
+    score = np.add.reduceat(weight[members], offsets[:-1]) / lengths
+    p = 1 / (1 + np.exp(-(3 * score - 1)))
+    y = (rng.random(n) < p).astype(np.float32)
+    offs = np.array([0, 11, 22, 22 + items + 1], np.int64)
+    sparse = np.stack([rng.integers(1, 11, n), rng.integers(12, 22, n)], 1).astype(np.int64)
+    d = CTRData(labels=y, dense=np.zeros((n, 0), np.float32), dense_missing=np.zeros((n, 0), bool), sparse=sparse,
+                field_offsets=offs, field_names=["a", "b", "history"], bags=[BagField(offsets, members + 23)])
+    return d, roc_auc(y, p)
+
+
+@pytest.mark.parametrize("engine", ["fused", "plain"])
+def test_peers_learn_from_a_history_bag(engine):
+    """End to end (batches, pooled lookup, fused or dense optimizer): peers reading the bag get
+    close to the Bayes AUC; the same data without the bag field cannot beat chance."""
+    import dataclasses
+
+    from mlfast.api import fit
+
+    d, bayes = history_data(np.random.default_rng(3))
+    kw = dict(peers="deepfm,dcn", epochs=2, batch_size=256, lr=3e-3, engine=engine, progress=False, log=lambda *a: None)
+    with_bag = fit(d, **kw).metrics["test"]
+    no_bag = fit(dataclasses.replace(d, bags=[], field_offsets=d.field_offsets[:3], field_names=["a", "b"]),
+                 **kw).metrics["test"]
+    for peer in ("deepfm", "dcn", "ensemble"):
+        assert with_bag[peer]["auc"] > bayes - 0.03, (peer, with_bag[peer], bayes)
+        assert no_bag[peer]["auc"] < 0.56, (peer, no_bag[peer])

@@ -92,3 +92,70 @@ def test_tab_delimited_and_order_of_fields(tmp_path):
 def test_schema_errors(schema, match):
     with pytest.raises(ValueError, match=match):
         reader.read_delimited(FILES[0], schema, cache=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-hot sequence columns (FuxiCTR's click_sequence, values separated by '^')
+
+def sequence_reference(path, column: str, sep: str, seed: int, base: int, buckets: int, keys: bool = False):
+    """Per row, the ids of ``column``'s values as the hashing module defines them (csv module,
+    plain Python): an empty cell is the field's missing row (key 0 with keys=True)."""
+    import csv
+
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    col = rows[0].index(column)
+    out = []
+    for r in rows[1:]:
+        if r[col] == "":
+            out.append([0 if keys else base])
+            continue
+        ks = [ref.key(ref.parse_text(v.encode()), seed, col + 1) for v in r[col].split(sep)]
+        out.append([(k or 1) - (1 << 64) * ((k or 1) >= 1 << 63) if keys else base + 1 + k % buckets for k in ks])
+    return out
+
+
+def bag_lists(bag):
+    return [bag.values[bag.offsets[i]:bag.offsets[i + 1]].tolist() for i in range(bag.num_rows)]
+
+
+@pytest.mark.parametrize("path", FILES, ids=["train", "test"])
+def test_taobao_click_sequence_as_a_bag_field(path, np_rng, tmp_path):
+    seed = int(np_rng.integers(0, 1 << 63))
+    cats = [c for c in CATEGORICAL if c != "click_sequence"]
+    schema = reader.DelimitedSchema(label="clk", numeric=["price"], categorical=cats, sequence=["click_sequence"])
+    d = reader.read_delimited(path, schema, hash_seed=seed, hash_buckets=1000, cache=False)
+    r = ref.delimited(path, delimiter=",", header=True, label="clk", numeric=["price"], categorical=cats, seed=seed)
+    # the one-hot part is what it is without the bag column
+    np.testing.assert_array_equal(d.labels, r.label_array())
+    np.testing.assert_array_equal(d.dense, r.dense_array())
+    np.testing.assert_array_equal(d.sparse, r.sparse([1000] * len(cats)))
+    assert d.field_names == cats + ["click_sequence"] and d.num_bags == 1 and d.num_fields == len(cats) + 1
+    assert len(d.field_offsets) == len(cats) + 2 and d.table_rows == 1001 * (len(cats) + 1)
+    expected = sequence_reference(path, "click_sequence", "^", seed, int(d.field_offsets[-2]), 1000)
+    assert bag_lists(d.bags[0]) == expected
+    assert max(len(x) for x in expected) > 1 and any(x == [int(d.field_offsets[-2])] for x in expected)
+    # keys mode (vocabularies), streaming chunks and the cache give the same bags
+    k = reader.read_delimited(path, schema, hash_seed=seed, keys=True, cache=False)
+    assert bag_lists(k.bags[0]) == sequence_reference(path, "click_sequence", "^", seed, 0, 0, keys=True)
+    chunks = list(reader.iter_delimited_chunks(path, schema, hash_seed=seed, hash_buckets=1000, chunk_bytes=2000))
+    assert len(chunks) > 1 and sum((bag_lists(c.bags[0]) for c in chunks), []) == expected
+    for status in ("miss", "hit"):
+        c = reader.read_delimited(path, schema, hash_seed=seed, hash_buckets=1000, cache_dir=tmp_path)
+        assert c.meta["cache"]["status"] == status and bag_lists(c.bags[0]) == expected
+
+
+def test_bad_sequences_name_file_line_and_column(tmp_path):
+    p = tmp_path / "seq.csv"
+    p.write_text("clk,user,hist\n1,a,x^y\n0,b,x^^y\n1,c,\n0,d,^x\n1,e,z\n")
+    schema = reader.DelimitedSchema(label="clk", categorical=["user"], sequence=["hist"])
+    with pytest.raises(reader.ParseError) as e:
+        reader.read_delimited(p, schema, cache=False)
+    assert (e.value.line, e.value.field, e.value.reason) == (3, "hist", "bad_sequence")
+    assert str(p) in str(e.value) and "line 3" in str(e.value)
+    d = reader.read_delimited(p, schema, cache=False, on_bad_line="skip")
+    assert d.skipped == {"bad_sequence": 2} and d.num_rows == 3 and [len(x) for x in bag_lists(d.bags[0])] == [2, 1, 1]
+    with pytest.raises(ValueError, match="sequence_separator"):
+        reader.read_delimited(p, reader.DelimitedSchema(label="clk", sequence=["hist"], sequence_separator=","))
+    with pytest.raises(ValueError, match="both categorical and sequence"):
+        reader.read_delimited(p, reader.DelimitedSchema(label="clk", categorical=["hist"], sequence=["hist"]))

@@ -92,3 +92,46 @@ def test_generic_delimited_log_through_the_cli(tmp_path, monkeypatch):
     assert main(["predict", str(run), str(TAOBAO / "test_sample.csv"), "--out", str(tmp_path / "p.csv")]) == 0
     p = np.loadtxt(tmp_path / "p.csv", delimiter=",", skiprows=1)
     assert p.shape == (100, 3) and ((p > 0) & (p < 1)).all()
+
+
+@pytest.mark.skipif(not TAOBAO.exists(), reason="../shared/datasets_raw not present")
+@pytest.mark.parametrize("vocab", [False, True], ids=["hashing", "vocabulary"])
+def test_sequence_column_end_to_end_through_the_cli(tmp_path, monkeypatch, vocab):
+    """click_sequence as a multi-hot bag field: train (fused engine), predict and eval read it
+    back the same way (hashing or the run's vocabulary)."""
+    monkeypatch.setenv("MLFAST_CACHE_DIR", str(tmp_path / "cache"))
+    cats = "userid,adgroup_id,pid,cate_id,campaign_id,customer,brand,age_level"
+    run = tmp_path / "run"
+    extra = ["--min-count", "1"] if vocab else ["--hash-buckets", "1000"]
+    assert main(["train", str(TAOBAO / "train_sample.csv"), "--valid", str(TAOBAO / "test_sample.csv"),
+                 "--label", "clk", "--categorical", cats, "--sequence", "click_sequence", "--peers", "deepfm,dcn",
+                 "--epochs", "2", "--out", str(run), "--quiet", *extra]) == 0
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["schema"]["field_names"] == cats.split(",") + ["click_sequence"] and cfg["schema"]["num_bags"] == 1
+    assert cfg["reader"]["schema"]["sequence"] == ["click_sequence"]
+    assert main(["predict", str(run), str(TAOBAO / "test_sample.csv"), "--out", str(tmp_path / "p.csv")]) == 0
+    p = np.loadtxt(tmp_path / "p.csv", delimiter=",", skiprows=1)
+    assert p.shape == (100, 3) and ((p > 0) & (p < 1)).all()
+    from mlfast.api import load_run
+
+    pred = load_run(run)
+    np.testing.assert_allclose(pred.predict(TAOBAO / "test_sample.csv")["ensemble"], p[:, 2], rtol=1e-5)
+
+
+@pytest.mark.skipif(not TAOBAO.exists(), reason="../shared/datasets_raw not present")
+def test_cli_on_the_cpu_without_the_triton_interpreter(tmp_path):
+    """What a user's CPU run does: no TRITON_INTERPRET in the process (the test session sets it),
+    so nothing on the fused CPU path may reach a Triton kernel; bag fields included."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(MLFAST_CACHE_DIR=str(tmp_path / "cache"), CUDA_VISIBLE_DEVICES="")
+    args = ["train", str(TAOBAO / "train_sample.csv"), "--label", "clk", "--categorical", "userid,adgroup_id,pid",
+            "--sequence", "click_sequence", "--peers", "deepfm,dcn", "--epochs", "1", "--quiet",
+            "--out", str(tmp_path / "run"), "--hash-buckets", "1000"]
+    code = "import sys; from mlfast.cli import main; sys.exit(main(sys.argv[1:]))"
+    r = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["schema"]["num_bags"] == 1
