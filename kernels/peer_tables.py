@@ -71,9 +71,7 @@ class PeerLookupFunction(torch.autograd.Function):
         tables: PeerTables = ctx.tables
         full = []
         for g, w in zip(grads, tables.widths):
-            if g is None:
-                g = torch.zeros((), dtype=torch.float32, device=ids.device).expand(*ids.shape, w)
-            full.append(g)
+            full.append(_no_grad(ids.numel(), w, ids.device).view(*ids.shape, w) if g is None else g)
         tables.apply_gradients(ids, full)
         return None, None, None
 
@@ -90,6 +88,17 @@ def _bag_members(offsets: torch.Tensor, nnz: int, per_sample_weights: torch.Tens
     if mode == "mean":
         return bag_of, (1.0 / counts.clamp(min=1).float()).index_select(0, bag_of)
     return bag_of, None
+
+
+def _member_grads(g_bags: torch.Tensor, bag_of: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """Each bag member's gradient [nnz, W]: its bag's gradient times its scale."""
+    gm = g_bags.float().index_select(0, bag_of)
+    return gm * scale[:, None] if scale is not None else gm
+
+
+def _no_grad(rows: int, width: int, device) -> torch.Tensor:
+    """The zero gradient of a peer whose output was not used (stride 0: no memory)."""
+    return torch.zeros((), dtype=torch.float32, device=device).expand(rows, width)
 
 
 class PeerBagFunction(torch.autograd.Function):
@@ -109,13 +118,8 @@ class PeerBagFunction(torch.autograd.Function):
         indices, offsets, psw = ctx.saved_tensors
         tables: PeerTables = ctx.tables
         bag_of, scale = _bag_members(offsets, indices.numel(), psw, ctx.mode)
-        member = []
-        for g, w in zip(grads, tables.widths):
-            if g is None:
-                member.append(torch.zeros((), dtype=torch.float32, device=indices.device).expand(indices.numel(), w))
-                continue
-            gm = g.float().index_select(0, bag_of)
-            member.append(gm * scale[:, None] if scale is not None else gm)
+        member = [_no_grad(indices.numel(), w, indices.device) if g is None else _member_grads(g, bag_of, scale)
+                  for g, w in zip(grads, tables.widths)]
         tables.apply_gradients(indices, member)
         return None, None, None, None, None, None
 
@@ -154,13 +158,10 @@ class PeerFieldsFunction(torch.autograd.Function):
         full = []
         for g, w in zip(grads, tables.widths):
             if g is None:
-                full.append(torch.zeros((), dtype=torch.float32, device=ids.device).expand(all_ids.numel(), w))
+                full.append(_no_grad(all_ids.numel(), w, ids.device))
                 continue
-            g = g.float()
-            onehot = g[:, :F].reshape(B * F, w)
             per_bag = g[:, F:].transpose(0, 1).reshape(S * B, w)  # bag k = field k // B, row k % B
-            member = per_bag.index_select(0, bag_of)
-            full.append(torch.cat([onehot, member * scale[:, None] if scale is not None else member]))
+            full.append(torch.cat([g[:, :F].reshape(B * F, w).float(), _member_grads(per_bag, bag_of, scale)]))
         tables.apply_gradients(all_ids, full)
         return None, None, None, None, None, None
 
