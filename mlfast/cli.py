@@ -53,6 +53,8 @@ def _add_reader_args(p: argparse.ArgumentParser) -> None:
                                       "'170301^573514': one mean-pooled bag field each)")
     d.add_argument("--sequence-separator", default=None, help="separator of the values in a --sequence column "
                                                               "(default '^')")
+    d.add_argument("--sequence-max-len", type=int, default=None, metavar="N",
+                   help="keep each --sequence list's last N values")
     d.add_argument("--delimiter", default=None, help="field delimiter (default ',')")
     d.add_argument("--no-header", action="store_true", help="the file has no header row")
 
@@ -71,7 +73,8 @@ def _reader_options(a: argparse.Namespace) -> dict:
         buckets = parts[0] if len(parts) == 1 else parts
     fmt = {"criteo": "auto"}.get(a.format, a.format)
     schema = None
-    if a.label or a.categorical or a.numeric or a.delimiter or a.no_header or a.sequence or a.sequence_separator:
+    if a.label or a.categorical or a.numeric or a.delimiter or a.no_header or a.sequence or a.sequence_separator \
+            or a.sequence_max_len is not None:
         if not a.categorical:
             raise UsageError("a generic delimited log needs --categorical (and usually --label)")
         if a.format != "auto":
@@ -85,7 +88,8 @@ def _reader_options(a: argparse.Namespace) -> dict:
             label = int(label)
         schema = {"delimiter": a.delimiter or ",", "header": not a.no_header, "label": label,
                   "numeric": cols(a.numeric or ""), "categorical": cols(a.categorical), "numeric_transform": "log",
-                  "sequence": cols(a.sequence or ""), "sequence_separator": a.sequence_separator or "^"}
+                  "sequence": cols(a.sequence or ""), "sequence_separator": a.sequence_separator or "^",
+                  "sequence_max_len": a.sequence_max_len}
     if a.min_count is not None and a.min_count < 1:
         raise UsageError(f"--min-count {a.min_count}: expected >= 1")
     return reader_options(format=fmt, hash_buckets=buckets, hash_seed=a.hash_seed,

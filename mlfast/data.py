@@ -36,6 +36,16 @@ def _gather_bags(offsets, values, rows, out_offsets, out_values):  # pragma: no 
         out_offsets[i + 1] = k
 
 
+@nb.njit(cache=True, nogil=True)
+def _last_values(offsets, values, max_len, out_offsets, out_values):  # pragma: no cover - numba
+    k = 0
+    for i in range(offsets.shape[0] - 1):
+        for j in range(max(offsets[i], offsets[i + 1] - max_len), offsets[i + 1]):
+            out_values[k] = values[j]
+            k += 1
+        out_offsets[i + 1] = k
+
+
 @dataclass
 class BagField:
     """One multi-hot field of N rows in CSR form: row ``i`` holds ``values[offsets[i]:offsets[i+1]]``.
@@ -72,6 +82,24 @@ class BagField:
     @property
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
+
+    def truncate(self, max_len: int) -> "BagField":
+        """Each bag cut to its last ``max_len`` values (a history's most recent ones, when the log
+        lists them oldest first); ``self`` when no bag is longer.
+
+            >>> BagField(np.array([0, 3, 4]), np.array([1, 2, 3, 4])).truncate(2).values.tolist()
+            [2, 3, 4]
+        """
+        if max_len < 1:
+            raise ValueError(f"max_len must be >= 1, got {max_len}")
+        lengths = self.lengths
+        if len(lengths) == 0 or lengths.max() <= max_len:
+            return self
+        out_offsets = np.zeros(len(self.offsets), np.int64)
+        np.cumsum(np.minimum(lengths, max_len), out=out_offsets[1:])
+        out_values = np.empty(int(out_offsets[-1]), np.int64)
+        _last_values(np.asarray(self.offsets), np.asarray(self.values), max_len, out_offsets, out_values)
+        return BagField(out_offsets, out_values)
 
     def take(self, index: np.ndarray | slice) -> "BagField":
         """The bags of rows ``index`` (an index array or a slice), as a new compact BagField."""

@@ -121,7 +121,8 @@ class DelimitedSchema:
     sequence features, e.g. a click history ``170301^573514``): each value is hashed as a
     categorical of that column and the column becomes a multi-hot bag field (``CTRData.bags``,
     after the categorical fields); an empty cell is a bag holding the field's missing row, an
-    empty value inside a list (``a^^b``) is a bad line (``bad_sequence``). The label must be
+    empty value inside a list (``a^^b``) is a bad line (``bad_sequence``); ``sequence_max_len``
+    keeps each list's last N values (the most recent, for a history listed oldest first). The label must be
     ``0``/``1``; other columns are ignored. A field's hash id is its 1-based column number.
 
     Example::
@@ -138,6 +139,7 @@ class DelimitedSchema:
     numeric_transform: str = "log"
     sequence: list[str | int] = field(default_factory=list)
     sequence_separator: str = "^"
+    sequence_max_len: int | None = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -152,13 +154,14 @@ class _Layout:
     dense_names: list[str]
     field_offsets: np.ndarray
     expected: str  # what a line must look like, for error messages
-    config: dict[str, Any]  # everything the output depends on (the cache keys on it)
+    config: dict[str, Any]  # everything the parsed output depends on (the cache keys on it)
+    bag_max_len: int | None = None  # applied to the parsed (or cached) bags, so not in config
 
 
 def _layout(fmt: str, *, delimiter: str, header: bool, columns: list[tuple], field_names: list[str],
             field_ids: list[int], kinds: list[str], dense_names: list[str], hash_buckets, hash_seed: int,
             keys: bool, on_bad_line: str, expected: str, extra: dict[str, Any], num_bags: int = 0,
-            bag_separator: str = "^") -> _Layout:
+            bag_separator: str = "^", bag_max_len: int | None = None) -> _Layout:
     if on_bad_line not in ("error", "skip"):
         raise ValueError(f"on_bad_line must be 'error' or 'skip', got {on_bad_line!r}")
     if not isinstance(hash_seed, (int, np.integer)):
@@ -200,7 +203,7 @@ def _layout(fmt: str, *, delimiter: str, header: bool, columns: list[tuple], fie
     }
     if num_bags:  # cache keys of logs without bags stay as they were
         config.update(num_bags=int(num_bags), bag_separator=bag_separator)
-    return _Layout(fmt, spec, list(field_names), list(dense_names), offsets, expected, config)
+    return _Layout(fmt, spec, list(field_names), list(dense_names), offsets, expected, config, bag_max_len)
 
 
 def _criteo_layout(fmt: str, int_buckets: bool, hash_buckets, hash_seed, keys, on_bad_line) -> _Layout:
@@ -256,6 +259,9 @@ def _delimited_layout(path: str, schema: DelimitedSchema, hash_buckets, hash_see
         raise ValueError(f"delimiter must be one ASCII character other than a line break, got {schema.delimiter!r}")
     if schema.numeric_transform not in ("log", "none"):
         raise ValueError(f"numeric_transform must be 'log' or 'none', got {schema.numeric_transform!r}")
+    if schema.sequence_max_len is not None and (not isinstance(schema.sequence_max_len, (int, np.integer))
+                                                or schema.sequence_max_len < 1):
+        raise ValueError(f"sequence_max_len must be None or an integer >= 1, got {schema.sequence_max_len!r}")
     sep = schema.sequence_separator
     if len(sep) != 1 or sep in "\r\n" or len(sep.encode()) != 1 or sep == schema.delimiter:
         raise ValueError(f"sequence_separator must be one ASCII character other than a line break and the "
@@ -324,7 +330,7 @@ def _delimited_layout(path: str, schema: DelimitedSchema, hash_buckets, hash_see
                    kinds=["cat"] * len(fields), dense_names=[names[i] for i in numeric],
                    hash_buckets=hash_buckets, hash_seed=hash_seed, keys=keys, on_bad_line=on_bad_line,
                    expected=expected, extra={"numeric_transform": schema.numeric_transform},
-                   num_bags=len(sequence), bag_separator=sep)
+                   num_bags=len(sequence), bag_separator=sep, bag_max_len=schema.sequence_max_len)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -458,7 +464,8 @@ def _bags(arrays: dict[str, Any], layout: _Layout) -> list[BagField]:
     if not nb:
         return []
     lengths = arrays["bag_lengths"]
-    return [BagField.from_lengths(lengths[:, s], arrays[f"bag_values_{s}"]) for s in range(nb)]
+    bags = [BagField.from_lengths(lengths[:, s], arrays[f"bag_values_{s}"]) for s in range(nb)]
+    return [b.truncate(layout.bag_max_len) for b in bags] if layout.bag_max_len else bags
 
 
 def _flat(chunk: dict[str, Any]) -> dict[str, Any]:

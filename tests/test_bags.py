@@ -160,3 +160,14 @@ def test_peers_learn_from_a_history_bag(engine):
     for peer in ("deepfm", "dcn", "ensemble"):
         assert with_bag[peer]["auc"] > bayes - 0.03, (peer, with_bag[peer], bayes)
         assert no_bag[peer]["auc"] < 0.56, (peer, no_bag[peer])
+
+
+def test_bag_truncate_keeps_the_last_values(np_rng):
+    bag, lists = random_bags(np_rng, 60, 0, 100, max_len=9)
+    for k in (1, 3, 9):
+        got = bag.truncate(k)
+        assert [got.values[got.offsets[i]:got.offsets[i + 1]].tolist() for i in range(60)] == \
+            [x[-k:] if x else [] for x in lists]
+    assert bag.truncate(9) is bag
+    with pytest.raises(ValueError, match="max_len"):
+        bag.truncate(0)

@@ -159,3 +159,17 @@ def test_bad_sequences_name_file_line_and_column(tmp_path):
         reader.read_delimited(p, reader.DelimitedSchema(label="clk", sequence=["hist"], sequence_separator=","))
     with pytest.raises(ValueError, match="both categorical and sequence"):
         reader.read_delimited(p, reader.DelimitedSchema(label="clk", categorical=["hist"], sequence=["hist"]))
+
+
+def test_sequence_max_len_keeps_each_lists_last_values(tmp_path):
+    path = FILES[0]
+    full = reader.DelimitedSchema(label="clk", categorical=["userid"], sequence=["click_sequence"])
+    short = reader.DelimitedSchema(label="clk", categorical=["userid"], sequence=["click_sequence"],
+                                   sequence_max_len=1)
+    expected = [x[-1:] for x in bag_lists(reader.read_delimited(path, full, cache=False).bags[0])]
+    for status in ("miss", "hit"):  # the cache holds the parsed lists; the cut applies on top
+        d = reader.read_delimited(path, short, cache_dir=tmp_path)
+        assert d.meta["cache"]["status"] == status and bag_lists(d.bags[0]) == expected
+    with pytest.raises(ValueError, match="sequence_max_len"):
+        reader.read_delimited(path, reader.DelimitedSchema(label="clk", sequence=["click_sequence"],
+                                                           sequence_max_len=0))
