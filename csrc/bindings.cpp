@@ -62,6 +62,12 @@ ReaderSpec spec_from_dict(const py::dict& d) {
     if (sep.size() != 1) throw std::invalid_argument("bag_separator must be one byte, got '" + sep + "'");
     s.bag_separator = sep[0];
   }
+  if (d.contains("quote")) {  // one byte, or "" / None: no quoting
+    const py::object q = d["quote"];
+    const auto quote = q.is_none() ? std::string() : q.cast<std::string>();
+    if (quote.size() > 1) throw std::invalid_argument("quote must be one byte or empty (none), got '" + quote + "'");
+    s.quote = quote.empty() ? -1 : static_cast<unsigned char>(quote[0]);
+  }
   s.seed = d["seed"].cast<uint64_t>();
   s.keys = d["keys"].cast<bool>();
   s.skip_bad = d["skip_bad"].cast<bool>();

@@ -35,13 +35,14 @@ enum Reason : uint8_t {
   kBadHour,
   kInvalidUtf8,
   kBadSequence,  // a textseq cell with an empty value ("a^^b", "^a", "a^")
+  kBadQuote,     // a quoted field not closed, or closed by a quote followed by more than the delimiter
   kBlankLine,
   kNumReasons
 };
 
 inline const char* const kReasonNames[kNumReasons] = {
     "ok",        "field_count", "bad_integer", "integer_overflow", "bad_categorical", "bad_label",
-    "bad_float", "bad_hour",    "invalid_utf8", "bad_sequence",    "blank_line"};
+    "bad_float", "bad_hour",    "invalid_utf8", "bad_sequence",    "bad_quote",       "blank_line"};
 
 inline bool is_digit(unsigned char c) { return static_cast<unsigned>(c - '0') < 10u; }
 

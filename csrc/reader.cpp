@@ -55,6 +55,34 @@ inline void scan64(const char* p, char delim, uint64_t* delims, uint64_t* newlin
 #endif
 }
 
+// scan64, and bit i of *quotes set when p[i] is the quote byte (quoted logs).
+inline void scan64_quote(const char* p, char delim, char quote, uint64_t* delims, uint64_t* newlines,
+                         uint64_t* quotes) {
+#if defined(__SSE2__)
+  const __m128i vd = _mm_set1_epi8(delim), vn = _mm_set1_epi8('\n'), vq = _mm_set1_epi8(quote);
+  uint64_t d = 0, n = 0, q = 0;
+  for (int k = 0; k < 4; ++k) {
+    const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * k));
+    d |= static_cast<uint64_t>(static_cast<uint32_t>(_mm_movemask_epi8(_mm_cmpeq_epi8(x, vd)))) << (16 * k);
+    n |= static_cast<uint64_t>(static_cast<uint32_t>(_mm_movemask_epi8(_mm_cmpeq_epi8(x, vn)))) << (16 * k);
+    q |= static_cast<uint64_t>(static_cast<uint32_t>(_mm_movemask_epi8(_mm_cmpeq_epi8(x, vq)))) << (16 * k);
+  }
+  *delims = d;
+  *newlines = n;
+  *quotes = q;
+#else
+  uint64_t d = 0, n = 0, q = 0;
+  for (int i = 0; i < 64; ++i) {
+    d |= static_cast<uint64_t>(p[i] == delim) << i;
+    n |= static_cast<uint64_t>(p[i] == '\n') << i;
+    q |= static_cast<uint64_t>(p[i] == quote) << i;
+  }
+  *delims = d;
+  *newlines = n;
+  *quotes = q;
+#endif
+}
+
 int64_t count_newlines(const char* p, const char* e) {
   int64_t total = 0;
 #if defined(__SSE2__)
@@ -549,6 +577,15 @@ Reader::Reader(const std::string& path, ReaderSpec spec)
     if (sep == spec_.delimiter)
       throw std::invalid_argument(std::string("the bag separator cannot be the delimiter ('") + sep + "')");
   }
+  if (spec_.quote < -1 || spec_.quote > 255) throw std::invalid_argument("the quote must be a byte or -1 (none)");
+  if (spec_.quote >= 0) {
+    const char q = static_cast<char>(spec_.quote);
+    if (q == '\n' || q == '\r') throw std::invalid_argument("the quote cannot be a line break");
+    if (q == spec_.delimiter)
+      throw std::invalid_argument(std::string("the quote cannot be the delimiter ('") + q + "')");
+    if (num_bags_ > 0 && q == spec_.bag_separator)
+      throw std::invalid_argument(std::string("the quote cannot be the bag separator ('") + q + "')");
+  }
   if (spec_.num_threads < 1) throw std::invalid_argument("num_threads must be >= 1");
   // Every output slot must be written by exactly one column, or a row would hold stale bytes.
   std::vector<int> dense_writers(num_dense_, 0), sparse_writers(num_sparse_, 0), bag_writers(num_bags_, 0);
@@ -1003,8 +1040,79 @@ inline void Reader::hash_row(const uint64_t* vals, const uint8_t* absent, int64_
   }
 }
 
+// Splits a line that holds the quote byte, field by field from the left: a field starting with
+// the quote runs to the quote that is not doubled, which must be followed by the delimiter or the
+// line end; any other field runs to the next delimiter, taken as it is. The slow path of quoted
+// logs (lines without the quote byte never come here).
+__attribute__((noinline)) Reader::Split Reader::split_quoted(const char* s, const char* e, char* out,
+                                                             uintptr_t* ends) const {
+  const char dl = spec_.delimiter, qc = static_cast<char>(spec_.quote);
+  Split r;
+  char* o = out;
+  ends[0] = reinterpret_cast<uintptr_t>(out) - 1;
+  const char* p = s;
+  int f = 0;
+  for (;;) {
+    const char* const field = p;
+    if (p < e && *p == qc) {
+      ++p;
+      for (;;) {
+        const char* t = static_cast<const char*>(std::memchr(p, qc, static_cast<size_t>(e - p)));
+        if (t == nullptr) {  // not closed on this line
+          r.bad_field = f;
+          r.bad_begin = field;
+          r.bad_end = e;
+          r.fields = f + 1;
+          return r;
+        }
+        std::memcpy(o, p, static_cast<size_t>(t - p));
+        o += t - p;
+        p = t + 1;
+        if (p < e && *p == qc) {  // "" stands for one quote
+          *o++ = qc;
+          ++p;
+          continue;
+        }
+        break;
+      }
+      if (p < e && *p != dl) {  // closed, but the field goes on
+        const char* t = static_cast<const char*>(std::memchr(p, dl, static_cast<size_t>(e - p)));
+        r.bad_field = f;
+        r.bad_begin = field;
+        r.bad_end = t ? t : e;
+        r.fields = f + 1;
+        return r;
+      }
+    } else {
+      const char* t = static_cast<const char*>(std::memchr(p, dl, static_cast<size_t>(e - p)));
+      if (t == nullptr) t = e;
+      std::memcpy(o, p, static_cast<size_t>(t - p));
+      o += t - p;
+      p = t;
+    }
+    if (f < ncols_) ends[f + 1] = reinterpret_cast<uintptr_t>(o);
+    ++f;
+    if (p == e) break;
+    *o++ = dl;  // p is at a delimiter
+    ++p;
+  }
+  r.fields = f;
+  return r;
+}
+
 Reader::Result Reader::parse_range(const char* begin, const char* end, int64_t first_line, Out out,
                                    int64_t max_rows, BagValues* bags) const {
+  if (spec_.quote >= 0) {
+    QuoteScratch scratch;
+    scratch.ends.resize(ncols_ + 1);
+    return parse_range_impl<true>(begin, end, first_line, out, max_rows, bags, &scratch);
+  }
+  return parse_range_impl<false>(begin, end, first_line, out, max_rows, bags, nullptr);
+}
+
+template <bool kQuoted>
+Reader::Result Reader::parse_range_impl(const char* begin, const char* end, int64_t first_line, Out out,
+                                        int64_t max_rows, BagValues* bags, QuoteScratch* scratch) const {
   Result res;
   const int last = ncols_ - 1;
   const char delim = spec_.delimiter;
@@ -1028,19 +1136,27 @@ Reader::Result Reader::parse_range(const char* begin, const char* end, int64_t f
   int64_t line = first_line;
   int64_t rows = 0;
   constexpr size_t kMaxText = 200;
+  // Quoted logs: a line holding the quote byte is split by split_quoted into scratch->bytes
+  // (padded as blocks are, for the parsers that load past a value), with its own ends.
+  const char quote = static_cast<char>(spec_.quote);
+  uint64_t quotes_seen = 0;  // quote bits of the current line, so far
 
   // Walk the input 64 bytes at a time with one bit mask of delimiters and one of newlines. For
   // each line, the delimiters below its newline bit are taken in a tight loop that only records
   // where fields end; the line is parsed once its field count is known to be right.
   const char* base = begin;
-  uint64_t dm = 0, nm = 0;
+  uint64_t dm = 0, nm = 0, qm = 0;
   auto load = [&] {
-    scan64(base, delim, &dm, &nm);
+    if constexpr (kQuoted)
+      scan64_quote(base, delim, quote, &dm, &nm, &qm);
+    else
+      scan64(base, delim, &dm, &nm);
     const size_t rem = static_cast<size_t>(end - base);
     if (rem < 64) {
       const uint64_t keep = (uint64_t(1) << rem) - 1;
       dm &= keep;
       nm &= keep;
+      if constexpr (kQuoted) qm &= keep;
     }
   };
   if (base < end) load();
@@ -1051,16 +1167,18 @@ Reader::Result Reader::parse_range(const char* begin, const char* end, int64_t f
       if (next <= last_delim) *next = reinterpret_cast<uintptr_t>(base + __builtin_ctzll(d));
       ++next;
     }
+    if constexpr (kQuoted) quotes_seen |= nl_bit ? qm & (nl_bit - 1) : qm;
     if (nl_bit == 0) {  // the line goes on in the next window
       base += 64;
       if (base < end) load();
       continue;
     }
     dm &= ~(nl_bit | (nl_bit - 1));
+    if constexpr (kQuoted) qm &= ~(nl_bit | (nl_bit - 1));
     nm &= nm - 1;
     const char* q = base + __builtin_ctzll(nl_bit);
     {
-      const int col = static_cast<int>(next - ends) - 1;  // delimiters seen on this line
+      int col = static_cast<int>(next - ends) - 1;  // delimiters seen on this line (a quoted line: fields - 1)
       const char* line_start = reinterpret_cast<const char*>(ends[0] + 1);
       const char* fe = q;
       // A CR before the newline ("\r\n" endings) is never part of the last field (the
@@ -1068,7 +1186,24 @@ Reader::Result Reader::parse_range(const char* begin, const char* end, int64_t f
       if (fe > line_start && fe[-1] == '\r') --fe;
       Reason why = kOk;
       int bad_col = -1;
-      if (col != last) {
+      const uintptr_t* le = ends;  // the line's column ends (its own, for a quoted line)
+      Split split;
+      bool bad_quote = false;
+      if constexpr (kQuoted) {
+        if (quotes_seen != 0) {  // split and unquote it; then parsed as any other line
+          const size_t need = static_cast<size_t>(fe - line_start) + kPad;
+          std::vector<char>& bytes = scratch->bytes;
+          if (bytes.size() < need) bytes.resize(std::max(need, 2 * bytes.size()));
+          split = split_quoted(line_start, fe, bytes.data(), scratch->ends.data());
+          le = scratch->ends.data();
+          col = split.fields - 1;  // a line with a quote is never blank
+          bad_quote = split.bad_field >= 0;
+        }
+      }
+      if (bad_quote) {
+        why = kBadQuote;
+        bad_col = split.bad_field < ncols_ ? split.bad_field : last;
+      } else if (col != last) {
         if (col == 0 && fe == line_start) {
           ++res.skipped[kBlankLine];
           why = kBlankLine;
@@ -1082,9 +1217,9 @@ Reader::Result Reader::parse_range(const char* begin, const char* end, int64_t f
           res.stop = line_start;
           return res;
         }
-        ends[ncols_] = reinterpret_cast<uintptr_t>(fe);
-        bad_col = parse_line(ends, label, dense, missing, vals.data(), absent.data(), &why);
-        if (with_bags) bad_col = parse_bags(ends, bad_col, &why, &bag_out);
+        ends[ncols_] = reinterpret_cast<uintptr_t>(fe);  // (a quoted line's ends are set)
+        bad_col = parse_line(le, label, dense, missing, vals.data(), absent.data(), &why);
+        if (with_bags) bad_col = parse_bags(le, bad_col, &why, &bag_out);
       }
       if (why == kOk) {
         hash_row(vals.data(), absent.data(), sparse);
@@ -1104,10 +1239,14 @@ Reader::Result Reader::parse_range(const char* begin, const char* end, int64_t f
           if (why == kFieldCount) {
             res.fail_column = col < last ? col + 1 : last;  // first missing column / where extras begin
             res.fail_text.assign(line_start, std::min<size_t>(static_cast<size_t>(fe - line_start), kMaxText));
+          } else if (kQuoted && why == kBadQuote) {  // the field's raw bytes
+            res.fail_column = bad_col;
+            res.fail_text.assign(split.bad_begin,
+                                 std::min<size_t>(static_cast<size_t>(split.bad_end - split.bad_begin), kMaxText));
           } else {
             res.fail_column = bad_col;
-            res.fail_text.assign(reinterpret_cast<const char*>(ends[bad_col] + 1),
-                                 std::min<size_t>(static_cast<size_t>(ends[bad_col + 1] - ends[bad_col] - 1), kMaxText));
+            res.fail_text.assign(reinterpret_cast<const char*>(le[bad_col] + 1),
+                                 std::min<size_t>(static_cast<size_t>(le[bad_col + 1] - le[bad_col] - 1), kMaxText));
           }
           res.rows = rows;
           res.lines = line - first_line + 1;
@@ -1117,6 +1256,7 @@ Reader::Result Reader::parse_range(const char* begin, const char* end, int64_t f
       ++line;
       next = ends + 1;
       ends[0] = reinterpret_cast<uintptr_t>(q);
+      if constexpr (kQuoted) quotes_seen = 0;
     }
   }
   res.rows = rows;

@@ -9,7 +9,7 @@ import numpy as np
 import numpy.typing as npt
 from typing_extensions import Buffer
 
-REASONS: list[str]  # stable skip / error reasons, "field_count" ... "bad_sequence", "blank_line"
+REASONS: list[str]  # stable skip / error reasons, "field_count" ... "bad_sequence", "bad_quote", "blank_line"
 INT_TABLE_SIZE: int  # Criteo integers in [0, INT_TABLE_SIZE) take the table path
 AVX512_HASH: bool  # this CPU hashes 4 fields at a time (power-of-two buckets or keys; see csrc/hash_rows.hpp)
 
@@ -21,8 +21,18 @@ class Reader:
     """Streaming parser of one file (plain or gzip) under a spec dict built by mlfast.reader:
     delimiter, header, columns [(kind, name, dense, sparse, log)], num_dense, has_label,
     field_ids, buckets, offsets, seed, keys, skip_bad, num_threads, block_bytes,
-    min_range_bytes, vector_hash, and optionally num_bags (S, default 0) and bag_separator (one
-    byte, default "^"; with bags it must differ from the delimiter and not be a line break).
+    min_range_bytes, vector_hash, and optionally num_bags (S, default 0), bag_separator (one
+    byte, default "^"; with bags it must differ from the delimiter and not be a line break) and
+    quote (one byte, or "" / None / absent: no quoting; not a line break, the delimiter or, with
+    bags, the bag separator).
+
+    Quoting: a field whose first byte is the quote is quoted; its value is the bytes up to the
+    matching closing quote, "" inside standing for one quote, and every column kind parses that
+    value (a delimiter or bag separator inside it included). The closing quote must be followed
+    by the delimiter or the line end; that, or a quote not closed on its line (a quoted field
+    never spans lines), makes the line bad_quote, reported at the field it is in. Other fields
+    are taken as they are, a quote inside them included. The field count is the count after
+    unquoting. Lines without the quote byte take the unquoted fast path.
 
     Column kinds: ignore, label, int, hex, text, float, hour, and textseq: a multi-hot column,
     texts joined by bag_separator (FuxiCTR's "170301^573514"). field_ids / buckets (F + S) and

@@ -69,7 +69,8 @@ def read_file(path: str | Path, options: dict[str, Any], keys: bool = False) -> 
     kw = {k: v for k, v in options.items() if k not in ("schema", "min_count")}
     if options.get("schema") is not None:
         kw["format"] = "delimited"
-        kw["schema"] = DelimitedSchema(**options["schema"])
+        # A run stored before quoting existed has no "quote": it read quotes as plain bytes.
+        kw["schema"] = DelimitedSchema(**{"quote": None, **options["schema"]})
     return read(str(path), keys=keys, **kw)
 
 

@@ -57,6 +57,10 @@ def _add_reader_args(p: argparse.ArgumentParser) -> None:
                    help="keep each --sequence list's last N values")
     d.add_argument("--delimiter", default=None, help="field delimiter (default ',')")
     d.add_argument("--no-header", action="store_true", help="the file has no header row")
+    d.add_argument("--quote", default=None, metavar="CHAR",
+                   help="quote character of quoted fields (default '\"', as pandas/Excel CSV: "
+                        "\"New York, NY\", \"\" inside for a quote); --quote '' disables quoting")
+    d.add_argument("--no-quote", action="store_true", help="no quoting: a quote is a plain byte (--quote '')")
 
 
 def _reader_options(a: argparse.Namespace) -> dict:
@@ -74,9 +78,11 @@ def _reader_options(a: argparse.Namespace) -> dict:
     fmt = {"criteo": "auto"}.get(a.format, a.format)
     schema = None
     if a.label or a.categorical or a.numeric or a.delimiter or a.no_header or a.sequence or a.sequence_separator \
-            or a.sequence_max_len is not None:
+            or a.sequence_max_len is not None or a.quote is not None or a.no_quote:
         if not a.categorical:
             raise UsageError("a generic delimited log needs --categorical (and usually --label)")
+        if a.no_quote and a.quote:
+            raise UsageError(f"--no-quote conflicts with --quote {a.quote!r}")
         if a.format != "auto":
             raise UsageError(f"--format {a.format} conflicts with a delimited schema (--label/--categorical/...)")
 
@@ -89,7 +95,8 @@ def _reader_options(a: argparse.Namespace) -> dict:
         schema = {"delimiter": a.delimiter or ",", "header": not a.no_header, "label": label,
                   "numeric": cols(a.numeric or ""), "categorical": cols(a.categorical), "numeric_transform": "log",
                   "sequence": cols(a.sequence or ""), "sequence_separator": a.sequence_separator or "^",
-                  "sequence_max_len": a.sequence_max_len}
+                  "sequence_max_len": a.sequence_max_len,
+                  "quote": None if a.no_quote or a.quote == "" else '"' if a.quote is None else a.quote}
     if a.min_count is not None and a.min_count < 1:
         raise UsageError(f"--min-count {a.min_count}: expected >= 1")
     return reader_options(format=fmt, hash_buckets=buckets, hash_seed=a.hash_seed,

@@ -16,12 +16,18 @@ the value is missing (empty).
 * A bad line raises :class:`ParseError` (file, line, field, what was found and expected), or with
   ``on_bad_line="skip"`` is dropped and counted in ``CTRData.skipped`` under a stable reason:
   ``field_count, bad_integer, integer_overflow, bad_categorical, bad_label, bad_float, bad_hour,
-  invalid_utf8, bad_sequence`` (and ``blank_line``, which is never an error).
+  invalid_utf8, bad_sequence, bad_quote`` (and ``blank_line``, which is never an error).
 * Generic logs may have multi-hot columns (``DelimitedSchema.sequence``, e.g. a click history
   ``170301^573514``): each becomes a :class:`mlfast.data.BagField` in ``CTRData.bags``.
 
 Line endings may be ``\\n`` or ``\\r\\n``; the last line may lack its newline; a UTF-8 byte-order mark
-at the start of the file is ignored. Fields are not quoted: a delimiter always ends a field.
+at the start of the file is ignored. Generic logs may quote fields as CSV files from pandas or Excel
+do (``DelimitedSchema.quote``, ``"`` by default): a field whose first byte is the quote char runs to
+the matching closing quote, ``""`` inside standing for one quote (``1,"New York, NY","a ""b"" c"``),
+and its value is what lies between; the closing quote must be followed by the delimiter or the line
+end, else the line is bad (``bad_quote``, as is a quote never closed: a quoted field cannot span
+lines). A field not starting with the quote char is taken as it is (a quote inside it is just a
+byte). Criteo and Avazu logs are never quoted: there a delimiter always ends a field.
 
 Example::
 
@@ -89,6 +95,8 @@ _EXPECTED = {
     "bad_hour": "an hour YYMMDDHH: 8 digits forming a valid date (20YY) and hour 00-23",
     "invalid_utf8": "valid UTF-8 text",
     "bad_sequence": "values separated by the sequence separator, none of them empty (an empty cell = missing)",
+    "bad_quote": "a quoted field closed by a quote followed by the delimiter or the line end "
+                 "(\"\" inside for a quote; a quoted field cannot span lines)",
 }
 
 
@@ -125,6 +133,15 @@ class DelimitedSchema:
     keeps each list's last N values (the most recent, for a history listed oldest first). The label must be
     ``0``/``1``; other columns are ignored. A field's hash id is its 1-based column number.
 
+    ``quote`` (one ASCII character other than a line break, the delimiter and the sequence
+    separator; ``None`` or ``""``: no quoting) quotes fields as RFC 4180 does, the header too: a
+    field whose first byte is the quote runs to the matching closing quote, ``""`` inside standing
+    for one quote, and every column kind reads the unquoted value (``"New York, NY"`` is one text
+    value, ``"1^2"`` a list of two, ``""`` an empty, missing value). The closing quote must be
+    followed by the delimiter or the line end, else the line is bad (``bad_quote``, as is a quote
+    that is never closed: a quoted field cannot span lines). A field not starting with the quote
+    is taken as it is, quotes inside it included.
+
     Example::
 
         >>> s = DelimitedSchema(delimiter=",", label="clk", numeric=["price"], categorical=["userid", "pid"],
@@ -140,6 +157,7 @@ class DelimitedSchema:
     sequence: list[str | int] = field(default_factory=list)
     sequence_separator: str = "^"
     sequence_max_len: int | None = None
+    quote: str | None = '"'
 
 
 # ------------------------------------------------------------------------------------------------
@@ -161,7 +179,7 @@ class _Layout:
 def _layout(fmt: str, *, delimiter: str, header: bool, columns: list[tuple], field_names: list[str],
             field_ids: list[int], kinds: list[str], dense_names: list[str], hash_buckets, hash_seed: int,
             keys: bool, on_bad_line: str, expected: str, extra: dict[str, Any], num_bags: int = 0,
-            bag_separator: str = "^", bag_max_len: int | None = None) -> _Layout:
+            bag_separator: str = "^", bag_max_len: int | None = None, quote: str | None = None) -> _Layout:
     if on_bad_line not in ("error", "skip"):
         raise ValueError(f"on_bad_line must be 'error' or 'skip', got {on_bad_line!r}")
     if not isinstance(hash_seed, (int, np.integer)):
@@ -186,6 +204,8 @@ def _layout(fmt: str, *, delimiter: str, header: bool, columns: list[tuple], fie
         "num_bags": int(num_bags),
         "bag_separator": bag_separator,
     }
+    if quote:  # Criteo and Avazu never quote: their specs have no quote
+        spec["quote"] = quote
     config = {
         "reader_version": READER_VERSION,
         "format": fmt,
@@ -254,6 +274,42 @@ def _avazu_layout(fmt: str, header: bool, hash_buckets, hash_seed, keys, on_bad_
                    hash_seed=hash_seed, keys=keys, on_bad_line=on_bad_line, expected=expected, extra={})
 
 
+def _split_quoted(line: bytes, delimiter: bytes, quote: bytes | None) -> list[bytes]:
+    """The cells of one line (no line break) under the reader's quoting rule (DelimitedSchema.quote);
+    a bad quote raises ValueError naming the field (1-based)."""
+    if not quote or quote not in line:
+        return line.split(delimiter)
+    cells: list[bytes] = []
+    i, n = 0, len(line)
+    while True:
+        if line[i:i + 1] == quote:
+            value = bytearray()
+            j = i + 1
+            while True:
+                k = line.find(quote, j)
+                if k < 0:
+                    raise ValueError(f"field {len(cells) + 1}: the quote is not closed on this line")
+                value += line[j:k]
+                if line[k + 1:k + 2] == quote:  # "" stands for one quote
+                    value += quote
+                    j = k + 2
+                    continue
+                i = k + 1
+                break
+            if i < n and line[i:i + 1] != delimiter:
+                raise ValueError(f"field {len(cells) + 1}: the closing quote is followed by {line[i:i + 1]!r}, "
+                                 f"not the delimiter or the line end")
+            cells.append(bytes(value))
+        else:
+            k = line.find(delimiter, i)
+            k = n if k < 0 else k
+            cells.append(line[i:k])
+            i = k
+        if i >= n:
+            return cells
+        i += 1  # past the delimiter
+
+
 def _delimited_layout(path: str, schema: DelimitedSchema, hash_buckets, hash_seed, keys, on_bad_line) -> _Layout:
     if len(schema.delimiter) != 1 or schema.delimiter in "\r\n" or len(schema.delimiter.encode()) != 1:
         raise ValueError(f"delimiter must be one ASCII character other than a line break, got {schema.delimiter!r}")
@@ -266,8 +322,18 @@ def _delimited_layout(path: str, schema: DelimitedSchema, hash_buckets, hash_see
     if len(sep) != 1 or sep in "\r\n" or len(sep.encode()) != 1 or sep == schema.delimiter:
         raise ValueError(f"sequence_separator must be one ASCII character other than a line break and the "
                          f"delimiter, got {sep!r}")
+    quote = schema.quote or None
+    if quote is not None and (not isinstance(quote, str) or len(quote) != 1 or quote in "\r\n"
+                              or len(quote.encode()) != 1 or quote in (schema.delimiter, sep)):
+        raise ValueError(f"quote must be None (no quoting) or one ASCII character other than a line break, the "
+                         f"delimiter and the sequence separator, got {quote!r}")
     line_no, first = _first_line(path)
-    cells = first.split(schema.delimiter.encode())
+    try:
+        cells = _split_quoted(first, schema.delimiter.encode(), quote.encode() if quote else None)
+    except ValueError as e:
+        what = "the header" if schema.header else "the first line"
+        raise ValueError(f"{path}: {what} (line {line_no}) is not a valid quoted line: {e} "
+                         f"(quote={quote!r}; pass quote=None to read quotes as plain bytes)") from None
     if schema.header:
         try:
             names = [c.decode("utf-8") for c in cells]
@@ -329,8 +395,8 @@ def _delimited_layout(path: str, schema: DelimitedSchema, hash_buckets, hash_see
                    field_names=[names[i] for i in fields], field_ids=[i + 1 for i in fields],
                    kinds=["cat"] * len(fields), dense_names=[names[i] for i in numeric],
                    hash_buckets=hash_buckets, hash_seed=hash_seed, keys=keys, on_bad_line=on_bad_line,
-                   expected=expected, extra={"numeric_transform": schema.numeric_transform},
-                   num_bags=len(sequence), bag_separator=sep, bag_max_len=schema.sequence_max_len)
+                   expected=expected, extra={"numeric_transform": schema.numeric_transform, "quote": quote},
+                   num_bags=len(sequence), bag_separator=sep, bag_max_len=schema.sequence_max_len, quote=quote)
 
 
 # ------------------------------------------------------------------------------------------------
