@@ -26,21 +26,11 @@ import numpy as np
 
 
 @nb.njit(cache=True, nogil=True)
-def _gather_bags(offsets, values, rows, out_offsets, out_values):  # pragma: no cover - numba
+def _copy_spans(values, starts, ends, out_offsets, out_values):  # pragma: no cover - numba
+    """Row i of the output = values[starts[i]:ends[i]]; out_offsets[1:] are filled, [0] is 0."""
     k = 0
-    for i in range(rows.shape[0]):
-        a, b = offsets[rows[i]], offsets[rows[i] + 1]
-        for j in range(a, b):
-            out_values[k] = values[j]
-            k += 1
-        out_offsets[i + 1] = k
-
-
-@nb.njit(cache=True, nogil=True)
-def _last_values(offsets, values, max_len, out_offsets, out_values):  # pragma: no cover - numba
-    k = 0
-    for i in range(offsets.shape[0] - 1):
-        for j in range(max(offsets[i], offsets[i + 1] - max_len), offsets[i + 1]):
+    for i in range(starts.shape[0]):
+        for j in range(starts[i], ends[i]):
             out_values[k] = values[j]
             k += 1
         out_offsets[i + 1] = k
@@ -92,14 +82,10 @@ class BagField:
         """
         if max_len < 1:
             raise ValueError(f"max_len must be >= 1, got {max_len}")
-        lengths = self.lengths
-        if len(lengths) == 0 or lengths.max() <= max_len:
+        offsets = np.asarray(self.offsets)
+        if self.num_rows == 0 or self.lengths.max() <= max_len:
             return self
-        out_offsets = np.zeros(len(self.offsets), np.int64)
-        np.cumsum(np.minimum(lengths, max_len), out=out_offsets[1:])
-        out_values = np.empty(int(out_offsets[-1]), np.int64)
-        _last_values(np.asarray(self.offsets), np.asarray(self.values), max_len, out_offsets, out_values)
-        return BagField(out_offsets, out_values)
+        return self._spans(np.maximum(offsets[:-1], offsets[1:] - max_len), offsets[1:])
 
     def take(self, index: np.ndarray | slice) -> "BagField":
         """The bags of rows ``index`` (an index array or a slice), as a new compact BagField."""
@@ -110,11 +96,14 @@ class BagField:
             rows = np.flatnonzero(index) if index.dtype == np.bool_ else index.astype(np.int64, copy=False)
             rows = np.where(rows < 0, rows + self.num_rows, rows)
         offsets = np.asarray(self.offsets)
-        out_offsets = np.zeros(len(rows) + 1, np.int64)
-        if len(rows):
-            np.cumsum(offsets[rows + 1] - offsets[rows], out=out_offsets[1:])
+        return self._spans(offsets[rows], offsets[rows + 1])
+
+    def _spans(self, starts: np.ndarray, ends: np.ndarray) -> "BagField":
+        """A BagField whose row i is ``values[starts[i]:ends[i]]``."""
+        out_offsets = np.zeros(len(starts) + 1, np.int64)
+        np.cumsum(ends - starts, out=out_offsets[1:])
         out_values = np.empty(int(out_offsets[-1]), np.int64)
-        _gather_bags(offsets, np.asarray(self.values), rows, out_offsets, out_values)
+        _copy_spans(np.asarray(self.values), starts, ends, out_offsets, out_values)
         return BagField(out_offsets, out_values)
 
 
