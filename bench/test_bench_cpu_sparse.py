@@ -5,7 +5,7 @@ Timed: the embedding backward + optimizer update of one step (the forward lookup
 and 17 (one table of W = 33 with segments for numba, one ``nn.Embedding`` per peer for torch, as
 FuxiCTR builds them), adam with lr 1e-3:
 
-* ``numba``:        ``mlfast.cpu_sparse.sparse_update`` on the looked-up rows' gradients
+* ``numba``:        ``mlfast.ops.cpu_sparse.sparse_update`` on the looked-up rows' gradients
 * ``torch_dense``:  ``nn.Embedding`` + dense ``torch.optim.Adam`` over the tables (FuxiCTR's way)
 * ``torch_sparse``: ``nn.Embedding(sparse=True)`` + ``torch.optim.SparseAdam``
 
@@ -29,8 +29,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mlfast.cpu_sparse import sparse_update, warmup
-from mlfast.sparse_optim import SparseOptimConfig, SparseOptimState
+from mlfast.ops.cpu_sparse import sparse_update, warmup
+from mlfast.ops.sparse_optim import SparseOptimConfig, SparseOptimState
 
 METHODS = ("numba", "torch_sparse", "torch_dense")
 WIDTHS = (16, 17)

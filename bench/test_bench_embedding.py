@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from mlfast.kernels.embedding_bag import embedding_forward, embedding_forward_tables
 from mlfast.kernels.sparse_update import DeviceOptimState, sparse_update
-from mlfast.sparse_optim import SparseOptimConfig
+from mlfast.ops.sparse_optim import SparseOptimConfig
 
 WIDTHS = (17, 16)
 FORWARD_VARIANTS = ("interleaved", "interleaved_bf16", "separate_1launch", "separate_Plaunch", "torch")

@@ -25,7 +25,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 from mlfast.kernels.mutual_loss import MutualLossFunction  # noqa: E402
-from mlfast.losses import mutual_loss  # noqa: E402
+from mlfast.ops.mutual_loss import mutual_loss  # noqa: E402
 
 SHAPES = ((4096, 2), (4096, 4), (16384, 2), (16384, 4))
 IMPLS = ("fused", "reference")

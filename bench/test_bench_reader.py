@@ -1,6 +1,6 @@
 """Criteo parsing throughput: the native reader (parse + hash) against pyarrow.csv (parse only).
 
-On a generated Criteo file (``mlfast.synth.synth_criteo``, 1,000,000 lines by default, written
+On a generated Criteo file (``mlfast.io.synth.synth_criteo``, 1,000,000 lines by default, written
 once per session in a temporary directory):
 
 * ``pyarrow_1t``:   ``pyarrow.csv.read_csv`` on one thread: tokenising and converting the 40
@@ -30,8 +30,8 @@ from typing import Callable
 
 import pytest
 
-from mlfast import reader
-from mlfast.synth import synth_criteo
+from mlfast.io import reader
+from mlfast.io.synth import synth_criteo
 from bench_common import machine, quantile
 
 ROWS = int(os.environ.get("MLFAST_BENCH_ROWS", 1_000_000))

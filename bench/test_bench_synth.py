@@ -3,7 +3,7 @@
 * ``synth``: ``synth_criteo`` writing ``MLFAST_BENCH_ROWS`` (default 1,000,000) Criteo lines as
   plain TSV, gzip level 1 and gzip level 6 (rows/s and MB/s of text).
 * ``gather``: one batch's rows of a [2M, 39] int64 id matrix (B = 4096, shuffled row ids), as
-  ``BatchLoader`` gathers them: ``mlfast.batches.gather_rows`` (numba, GIL released) against the
+  ``BatchLoader`` gathers them: ``mlfast.io.batches.gather_rows`` (numba, GIL released) against the
   numpy reference the tests compare it with (fancy indexing) and ``np.take`` into a buffer; also
   from a memmap of the same matrix.
 * ``epoch``: a whole shuffled epoch of a 1M-row ``CTRData`` through ``BatchLoader`` (B = 4096),
@@ -28,9 +28,9 @@ import numpy as np
 import pytest
 import torch
 
-from mlfast.batches import BatchLoader, gather_rows
-from mlfast.data import CTRData
-from mlfast.synth import synth_criteo
+from mlfast.io.batches import BatchLoader, gather_rows
+from mlfast.io.data import CTRData
+from mlfast.io.synth import synth_criteo
 from bench_common import machine, quantile
 
 ROWS = int(os.environ.get("MLFAST_BENCH_ROWS", 1_000_000))

@@ -1,6 +1,6 @@
 """Fused mutual-learning loss: ONE launch computes the scalar loss and writes dL/dlogits.
 
-The loss is the one defined (and implemented in plain PyTorch) in ``mlfast.losses``: for logits
+The loss is the one defined (and implemented in plain PyTorch) in ``mlfast.ops.mutual_loss``: for logits
 z [B, P] of P peers (p = sigmoid(z)), labels y [B] and c = alpha / (P - 1),
 
     L = 1/B sum_b [ sum_i BCE(y_b, z_bi) + c * sum_{i != j} D(p_bj, p_bi) ].
@@ -9,7 +9,7 @@ Because the peers' inputs are fixed targets in ``kl`` and ``mse`` (and ``symkl``
 whole gradient is closed-form, so the forward kernel writes dL/dz next to the loss and the backward
 only multiplies that stored gradient by grad_output (Liger-Kernel's pattern: a second pass over the
 logits is never needed). Chain: ``_mutual_loss_fwd_kernel`` -> ``mutual_loss_forward`` ->
-``MutualLossFunction`` -> ``mlfast.losses.MutualLoss`` / ``fused_mutual_loss``.
+``MutualLossFunction`` -> ``mlfast.ops.mutual_loss.MutualLoss`` / ``fused_mutual_loss``.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ MAX_PARTIALS = 1024
 #   mse:   sum_{i!=j} (p_i - p_j)^2 = 2 P * sum_i (p_i - pbar)^2
 # The centred form matters at |z| ~ 100: P sum p z - S Z would cancel two numbers of size P^2 |z|.
 #
-# Backward (dL/dz_i, before the 1/B), from mlfast.losses.mutual_loss_grad:
+# Backward (dL/dz_i, before the 1/B), from mlfast.ops.mutual_loss.mutual_loss_grad:
 #   BCE:   p_i - y
 #   kl:    c * sum_{j!=i} (p_i - p_j)                              = c * P (p_i - pbar)
 #   symkl: c * 2 sum_{j!=i} [(p_i - p_j) + p_i qbar_i (z_i - z_j)] = c * 2P [(p_i - pbar) + p_i qbar_i (z_i - zbar)]
@@ -126,7 +126,7 @@ _INTERPRETED = not isinstance(_mutual_loss_fwd_kernel, triton.runtime.JITFunctio
 def _kernel_for(kernel, device: torch.device):
     if device.type == "cpu" and not _INTERPRETED:
         raise RuntimeError("the Triton mutual loss got CPU tensors, but Triton's interpreter is off: set "
-                           "TRITON_INTERPRET=1 before triton is first imported, or use mlfast.losses."
+                           "TRITON_INTERPRET=1 before triton is first imported, or use mlfast.ops.mutual_loss."
                            "mutual_loss (the plain-PyTorch reference) on the CPU")
     return kernel
 

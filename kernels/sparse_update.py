@@ -3,7 +3,7 @@
 Inputs of one step: the table ``weight`` [V, Wtot] (P peers interleaved, ``widths`` W_p), the
 looked-up ids [N] (N = B*F, repeats allowed) and the gradients of the P lookup outputs, each
 [N, W_p] with any strides (read in place: no concatenation). The math is exactly
-``mlfast.sparse_optim`` (the reference): for every row r that appears in ids,
+``mlfast.ops.sparse_optim`` (the reference): for every row r that appears in ids,
 
     g_r  = sum_{n: ids[n] = r} concat_p(grad_p[n])            duplicates summed
     g_r += weight_decay * w_r                                 embedding L2, touched rows only
@@ -51,7 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mlfast.sparse_optim import SparseOptimConfig, SparseOptimState
+from mlfast.ops.sparse_optim import SparseOptimConfig, SparseOptimState
 
 from .embedding_bag import _check_device, _check_table, _check_widths, _row_start, peer_offsets
 
@@ -109,7 +109,7 @@ class DeviceOptimState:
         return self.slots
 
     def to_reference(self, widths: Sequence[int]) -> SparseOptimState:
-        """The same state as ``mlfast.sparse_optim.SparseOptimState`` (shares the tensors; the
+        """The same state as ``mlfast.ops.sparse_optim.SparseOptimState`` (shares the tensors; the
         step becomes a Python int, which syncs with the device)."""
         return SparseOptimState(step=int(self.step.item()), sum_sq=self.sum_sq, exp_avg=self.exp_avg,
                                 exp_avg_sq=self.exp_avg_sq, segments=tuple(int(w) for w in widths))
@@ -339,7 +339,7 @@ def sparse_update(weight: torch.Tensor, ids: torch.Tensor, grads, widths: Sequen
 
     ``grads`` is the list of the P lookup-output gradients (each [*ids.shape, W_p] or [N, W_p],
     any strides, fp32 or bf16) or one [N, Wtot] tensor. ``state.step`` is incremented first (t of
-    the first update is 1), as in ``mlfast.sparse_optim.sparse_update_reference``.
+    the first update is 1), as in ``mlfast.ops.sparse_optim.sparse_update_reference``.
 
     Example (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``)::
 

@@ -1,6 +1,6 @@
 """Type stub of mlfast._native, the C++ extension built from csrc/ (pybind11).
 
-Use it through mlfast.reader and mlfast.cache; the functions below the reader exist so tests can
+Use it through mlfast.io.reader and mlfast.io.cache; the functions below the reader exist so tests can
 check the C++ hash, grammar and checksum against their Python definitions.
 """
 from typing import Any, Optional
@@ -15,10 +15,10 @@ AVX512_HASH: bool  # this CPU hashes 4 fields at a time (power-of-two buckets or
 
 class ParseFailure(ValueError):
     """Raised by Reader on the first bad line; args = (line, field, reason, text: bytes,
-    found_fields, expected_fields). mlfast.reader turns it into ParseError."""
+    found_fields, expected_fields). mlfast.io.reader turns it into ParseError."""
 
 class Reader:
-    """Streaming parser of one file (plain or gzip) under a spec dict built by mlfast.reader:
+    """Streaming parser of one file (plain or gzip) under a spec dict built by mlfast.io.reader:
     delimiter, header, columns [(kind, name, dense, sparse, log)], num_dense, has_label,
     field_ids, buckets, offsets, seed, keys, skip_bad, num_threads, block_bytes,
     min_range_bytes, vector_hash, and optionally num_bags (S, default 0), bag_separator (one
@@ -75,7 +75,7 @@ def checksum(buffer: Buffer, threads: int = 1) -> int:
     """64-bit checksum of a C-contiguous buffer's bytes (csrc/checksum.hpp), GIL released."""
 
 def hash_keys(values: npt.ArrayLike, seed: int, field_id: int, buckets: int = 0) -> npt.NDArray[np.uint64]:
-    """mlfast.hashing.hash_key(v, seed, field_id) for each uint64 v; with buckets > 0, key % buckets."""
+    """mlfast.io.hashing.hash_key(v, seed, field_id) for each uint64 v; with buckets > 0, key % buckets."""
 
 def hash_text(texts: list[str] | list[bytes], seed: int, field_id: int) -> npt.NDArray[np.uint64]:
     """hash_key(fnv1a64(utf-8 bytes), seed, field_id) for each text."""

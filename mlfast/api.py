@@ -23,14 +23,14 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from . import checkpoint as ckpt
-from .batches import BatchLoader, split_indices
-from .config import TrainConfig
-from .data import CTRData
-from .metrics import peer_metrics
-from .models import CTRModel, FeatureSchema, PeerSpec, build_model, parse_peers
-from .report import metrics_table, plot_curves, solo_vs_mutual_rows, solo_vs_mutual_table, write_curves_csv
-from .trainer import MutualTrainer, peer_seed, resolve_device
+from mlfast.train import checkpoint as ckpt
+from mlfast.io.batches import BatchLoader, split_indices
+from mlfast.train.config import TrainConfig
+from mlfast.io.data import CTRData
+from mlfast.train.metrics import peer_metrics
+from mlfast.models import CTRModel, FeatureSchema, PeerSpec, build_model, parse_peers
+from mlfast.report import metrics_table, plot_curves, solo_vs_mutual_rows, solo_vs_mutual_table, write_curves_csv
+from mlfast.train.trainer import MutualTrainer, peer_seed, resolve_device
 
 SPLIT_RATIOS = (8, 1, 1)
 EVAL_BATCH_SIZE = 16384
@@ -64,7 +64,7 @@ def reader_options(**overrides: Any) -> dict[str, Any]:
 
 def read_file(path: str | Path, options: dict[str, Any], keys: bool = False) -> CTRData:
     """Read one file with the run's reader options (``keys=True``: raw 64-bit keys, for vocabularies)."""
-    from .reader import DelimitedSchema, read
+    from mlfast.io.reader import DelimitedSchema, read
 
     kw = {k: v for k, v in options.items() if k not in ("schema", "min_count")}
     if options.get("schema") is not None:
@@ -104,7 +104,7 @@ class Prepared:
 
     splits: dict[str, Split | None]
     reader: dict[str, Any]
-    vocab: Any = None  # mlfast.vocab.Vocabulary in vocabulary mode
+    vocab: Any = None  # mlfast.io.vocab.Vocabulary in vocabulary mode
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -150,7 +150,7 @@ def prepare_data(train: str | Path | CTRData, valid=None, test=None, *, reader: 
         i_tr = i_va = i_te = None
     vocab = None
     if vocab_mode:
-        from .vocab import Vocabulary
+        from mlfast.io.vocab import Vocabulary
 
         vocab = Vocabulary.fit(tr.sparse, tr.field_names, int(ropts["min_count"]), rows=i_tr, bags=tr.bags)
         tr = apply_vocabulary(tr, vocab)
@@ -216,7 +216,7 @@ class Predictor:
         cfg = state["config"]
         vocab = None
         if state.get("vocab") is not None:
-            from .vocab import Vocabulary
+            from mlfast.io.vocab import Vocabulary
 
             vocab = Vocabulary.from_state(state["vocab"])
         return cls([PeerSpec.from_dict(p) for p in state["peers"]], FeatureSchema.from_dict(state["schema"]),

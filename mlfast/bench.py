@@ -25,10 +25,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .baselines import CompiledPlainEngine, TorchSparseEngine
-from .config import TrainConfig
-from .engine import FusedEngine, PlainEngine
-from .models import FeatureSchema, build_model, parse_peers
+from mlfast.train.baselines import CompiledPlainEngine, TorchSparseEngine
+from mlfast.train.config import TrainConfig
+from mlfast.train.engine import FusedEngine, PlainEngine
+from mlfast.models import FeatureSchema, build_model, parse_peers
 
 IMPLS = {"eager": PlainEngine, "compile": CompiledPlainEngine, "sparse": TorchSparseEngine, "mlfast": FusedEngine}
 NUM_FIELDS = 39
@@ -180,7 +180,7 @@ def run(impls: Sequence[str], workloads: Sequence[Workload], device: torch.devic
 
 
 def format_results(result: dict) -> str:
-    from .report import format_table
+    from mlfast.report import format_table
 
     head = f"{result.get('gpu') or result['cpu']} | torch {result['torch']} | triton {result['triton']}"
     body = format_table(
@@ -193,7 +193,7 @@ def format_results(result: dict) -> str:
 
 def main(impls: Sequence[str], device: str, rows: Sequence[int] | None, batches: Sequence[int] | None,
          steps: int, warmup: int, json_path: str | None) -> dict:
-    from .trainer import resolve_device
+    from mlfast.train.trainer import resolve_device
 
     dev = resolve_device(device)
     unknown = [i for i in impls if i not in IMPLS]

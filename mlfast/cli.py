@@ -64,7 +64,7 @@ def _add_reader_args(p: argparse.ArgumentParser) -> None:
 
 
 def _reader_options(a: argparse.Namespace) -> dict:
-    from .api import reader_options
+    from mlfast.api import reader_options
 
     buckets = None
     if a.hash_buckets:
@@ -148,8 +148,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _train_config(a: argparse.Namespace):
-    from .config import TrainConfig
-    from .models import parse_peers
+    from mlfast.train.config import TrainConfig
+    from mlfast.models import parse_peers
 
     try:
         specs = parse_peers(a.peers)
@@ -191,13 +191,13 @@ def _train_config(a: argparse.Namespace):
 
 def demo_data_path(rows: int = DEMO_ROWS, seed: int = 0) -> Path:
     """Where the generated demo file lives (generated once, reused)."""
-    from .cache import default_cache_dir
+    from mlfast.io.cache import default_cache_dir
 
     return default_cache_dir() / "demo" / f"criteo_synth_{rows}_seed{seed}.tsv"
 
 
 def ensure_demo_data(rows: int = DEMO_ROWS, seed: int = 0) -> Path:
-    from .synth import synth_criteo
+    from mlfast.io.synth import synth_criteo
 
     path = demo_data_path(rows, seed)
     if not path.exists():
@@ -214,7 +214,7 @@ def ensure_demo_data(rows: int = DEMO_ROWS, seed: int = 0) -> Path:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from .api import fit
+    from mlfast.api import fit
 
     cfg = _train_config(a)
     ropts = _reader_options(a)
@@ -239,8 +239,8 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
-    from .api import load_run
-    from .report import metrics_table
+    from mlfast.api import load_run
+    from mlfast.report import metrics_table
 
     _existing_file(a.data, "data file")
     pred = load_run(a.run, device=a.device)
@@ -250,7 +250,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
 
 def cmd_predict(a: argparse.Namespace) -> int:
-    from .api import load_run, write_predictions_csv
+    from mlfast.api import load_run, write_predictions_csv
 
     _existing_file(a.data, "data file")
     pred = load_run(a.run, device=a.device)
@@ -264,7 +264,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
 
 
 def cmd_synth(a: argparse.Namespace) -> int:
-    from .synth import synth_criteo
+    from mlfast.io.synth import synth_criteo
 
     if a.rows < 1:
         raise UsageError(f"--rows {a.rows}: expected >= 1")
@@ -275,8 +275,8 @@ def cmd_synth(a: argparse.Namespace) -> int:
 
 
 def cmd_study(a: argparse.Namespace) -> int:
-    from .study import parse_groups, run_study
-    from .models import parse_peers
+    from mlfast.study import parse_groups, run_study
+    from mlfast.models import parse_peers
 
     a.regime = "finetune"
     if a.finetune_epochs is None:
@@ -311,7 +311,7 @@ def _int_list(text: str, flag: str, allow_zero: bool = False) -> list[int]:
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
-    from . import bench
+    from mlfast import bench
 
     impls = [x for x in a.impls.split(",") if x]
     unknown = [i for i in impls if i not in bench.IMPLS]

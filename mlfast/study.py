@@ -23,12 +23,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from . import checkpoint as ckpt
-from .api import Session, prepare_data
-from .config import TrainConfig
-from .metrics import peer_metrics
-from .models import PeerSpec, parse_peers
-from .report import format_table
+from mlfast.train import checkpoint as ckpt
+from mlfast.api import Session, prepare_data
+from mlfast.train.config import TrainConfig
+from mlfast.train.metrics import peer_metrics
+from mlfast.models import PeerSpec, parse_peers
+from mlfast.report import format_table
 
 
 def parse_groups(text: str | Sequence[Sequence[str]], labels: Sequence[str]) -> list[tuple[str, ...]]:

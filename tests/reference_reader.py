@@ -1,6 +1,6 @@
 """Plain-Python reference for the native reader (tests only): the same grammar, written plainly.
 
-Every value goes through :mod:`mlfast.hashing` (the definition). Criteo is parsed from bytes with
+Every value goes through :mod:`mlfast.io.hashing` (the definition). Criteo is parsed from bytes with
 ``bytes.split``; Avazu and generic CSV through the ``csv`` module. Field grammar (what
 ``csrc/fields.hpp`` implements):
 
@@ -28,7 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
-from mlfast import hashing
+from mlfast.io import hashing
 
 INT_RE = re.compile(rb"[+-]?[0-9]+")
 HEX_RE = re.compile(rb"[0-9a-fA-F]{1,8}")

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from mlfast.batches import BatchLoader
-from mlfast.data import BagField, CTRData
+from mlfast.io.batches import BatchLoader
+from mlfast.io.data import BagField, CTRData
 from mlfast.models import FeatureSchema, build_model, parse_peers
-from mlfast.vocab import Vocabulary
+from mlfast.io.vocab import Vocabulary
 
 
 def random_bags(rng, n, lo, hi, max_len=5, allow_empty=True):
@@ -127,7 +127,7 @@ def test_vocabulary_counts_every_bag_member(np_rng):
 def history_data(rng, n=24000, items=300):
     """Labels driven by a click history: p = sigmoid(3 * mean(item weight over the bag) - 1), plus
     two one-hot fields of noise. Returns the data with the bag field and the Bayes AUC."""
-    from mlfast.metrics import roc_auc
+    from mlfast.train.metrics import roc_auc
 
     weight = rng.normal(size=items)
     lengths = rng.integers(1, 7, n)

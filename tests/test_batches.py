@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from mlfast.batches import (PREFETCH_THREAD_NAME, Batch, BatchLoader, gather_rows, iter_batches,
+from mlfast.io.batches import (PREFETCH_THREAD_NAME, Batch, BatchLoader, gather_rows, iter_batches,
                             split_indices, split_sizes)
-from mlfast.data import CTRData
+from mlfast.io.data import CTRData
 
 
 def make_data(n: int, f: int = 5, dd: int = 3, seed: int = 0, labels: bool = True) -> CTRData:

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mlfast import _native, cache, reader
+from mlfast import _native
+from mlfast.io import cache, reader
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "datasets_raw"
 CRITEO = DATA / "criteo_kaggle_head10k" / "train_head10000.txt"

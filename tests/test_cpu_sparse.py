@@ -1,4 +1,4 @@
-"""The numba sparse optimizers (mlfast.cpu_sparse) against sparse_update_reference."""
+"""The numba sparse optimizers (mlfast.ops.cpu_sparse) against sparse_update_reference."""
 from __future__ import annotations
 
 import numba
@@ -8,8 +8,8 @@ import torch
 
 from conftest import assert_close
 
-from mlfast.cpu_sparse import row_offset, sparse_update, warmup
-from mlfast.sparse_optim import SparseOptimConfig, SparseOptimState, sparse_update_reference
+from mlfast.ops.cpu_sparse import row_offset, sparse_update, warmup
+from mlfast.ops.sparse_optim import SparseOptimConfig, SparseOptimState, sparse_update_reference
 
 KINDS = ("sgd", "adagrad", "adam")
 STATE_KEYS = ("sum_sq", "exp_avg", "exp_avg_sq")
@@ -152,6 +152,6 @@ def test_row_offset_is_int64_past_2_to_31():
 
 def test_warmup_leaves_kernels_compiled():
     warmup()
-    from mlfast.cpu_sparse import _sparse_update_kernel
+    from mlfast.ops.cpu_sparse import _sparse_update_kernel
 
     assert len(_sparse_update_kernel.signatures) >= 2  # int64 and int32 ids

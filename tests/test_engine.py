@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from conftest import DEVICES, TRITON_CPU
-from mlfast.config import TrainConfig
-from mlfast.engine import FusedEngine, PlainEngine
+from mlfast.train.config import TrainConfig
+from mlfast.train.engine import FusedEngine, PlainEngine
 from mlfast.models import FeatureSchema, build_model, parse_peers
 
 SCHEMA = FeatureSchema((0, 37, 60, 101))  # 3 fields, odd sizes

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from mlfast.config import TrainConfig
-from mlfast.engine import FusedEngine
+from mlfast.train.config import TrainConfig
+from mlfast.train.engine import FusedEngine
 from mlfast.models import build_model, parse_peers
 
 from test_engine import SCHEMA, batches
@@ -62,8 +62,8 @@ def test_bf16_autocast_step_is_finite_and_close_to_fp32():
 
 def test_fused_gpu_auc_matches_plain_gpu_auc(tmp_path):
     from mlfast.api import fit
-    from mlfast.reader import read_criteo
-    from mlfast.synth import synth_criteo
+    from mlfast.io.reader import read_criteo
+    from mlfast.io.synth import synth_criteo
 
     path = tmp_path / "s.tsv"
     rep = synth_criteo(path, rows=200_000, seed=5)

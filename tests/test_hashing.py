@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import reference_reader as ref
-from mlfast import _native, hashing
+from mlfast import _native
+from mlfast.io import hashing
 
 U64 = (1 << 64) - 1
 EDGE_U64 = [0, 1, 2, 0xFFFFFFFF, 1 << 32, (1 << 63) - 1, 1 << 63, U64, hashing.GOLDEN64, 0xDEADBEEF]

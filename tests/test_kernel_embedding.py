@@ -25,8 +25,8 @@ from conftest import assert_close  # noqa: E402
 
 from mlfast.kernels.embedding_bag import (  # noqa: E402
     embedding_bag_forward, embedding_forward, embedding_forward_tables, peer_offsets)
-from mlfast.kernels.peer_tables import PeerTables  # noqa: E402
-from mlfast.sparse_optim import SparseOptimConfig, SparseOptimState, sparse_update_reference  # noqa: E402
+from mlfast.train.tables import PeerTables  # noqa: E402
+from mlfast.ops.sparse_optim import SparseOptimConfig, SparseOptimState, sparse_update_reference  # noqa: E402
 
 WIDTH_SETS = [(17, 16), (16,), (17, 16, 5, 9), (3, 64, 1)]
 

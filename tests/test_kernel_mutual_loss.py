@@ -1,4 +1,4 @@
-"""The fused mutual-loss kernel against the plain-PyTorch reference (mlfast.losses).
+"""The fused mutual-loss kernel against the plain-PyTorch reference (mlfast.ops.mutual_loss).
 
 Every comparison is against the reference evaluated in float64 on the same (possibly bf16-rounded)
 logits, so the tolerance measures the kernel's own fp32 error. Runs on CPU tensors through Triton's
@@ -21,7 +21,7 @@ from conftest import assert_close  # noqa: E402
 
 from mlfast.kernels.mutual_loss import (  # noqa: E402
     KIND_IDS, MutualLossFunction, SINGLE_PROGRAM_MAX_B, mutual_loss_forward)
-from mlfast.losses import (  # noqa: E402
+from mlfast.ops.mutual_loss import (  # noqa: E402
     MutualLoss, fused_mutual_loss, mutual_loss, mutual_loss_grad, mutual_loss_terms)
 
 KINDS = tuple(KIND_IDS)

@@ -1,6 +1,6 @@
 """The fused backward + sparse optimizer (mlfast.kernels.sparse_update) against the reference.
 
-Every step is compared with ``mlfast.sparse_optim.sparse_update_reference`` on the same table,
+Every step is compared with ``mlfast.ops.sparse_optim.sparse_update_reference`` on the same table,
 state and gradients (concatenated per lookup), for sgd / row-wise adagrad / lazy adam, both paths
 (deterministic sorted/segmented and atomic), several steps with state carried. Runs on CPU tensors
 through Triton's interpreter (conftest sets TRITON_INTERPRET=1 where there is no GPU) and on CUDA
@@ -24,7 +24,7 @@ from test_kernel_embedding import huge_table, rows_past_2_31  # noqa: E402
 
 import mlfast.kernels.sparse_update as su  # noqa: E402
 from mlfast.kernels.sparse_update import DeviceOptimState, sparse_update  # noqa: E402
-from mlfast.sparse_optim import SparseOptimConfig, SparseOptimState, sparse_update_reference  # noqa: E402
+from mlfast.ops.sparse_optim import SparseOptimConfig, SparseOptimState, sparse_update_reference  # noqa: E402
 
 KINDS = ("sgd", "adagrad", "adam")
 PATHS = {"sorted": True, "atomic": False}

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 import mlfast
-from mlfast.batches import split_indices
-from mlfast.metrics import roc_auc
-from mlfast.synth import synth_criteo
+from mlfast.io.batches import split_indices
+from mlfast.train.metrics import roc_auc
+from mlfast.io.synth import synth_criteo
 
 ROWS = 200_000
 SEED = 5

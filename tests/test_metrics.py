@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from mlfast.metrics import logloss, peer_metrics, roc_auc
+from mlfast.train.metrics import logloss, peer_metrics, roc_auc
 
 
 def brute_auc(y, s):

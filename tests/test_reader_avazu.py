@@ -11,7 +11,7 @@ import pytest
 
 import reference_reader as ref
 from conftest import BASE_SEED
-from mlfast import hashing, reader
+from mlfast.io import hashing, reader
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "datasets_raw" / "avazu_head10k"
 TRAIN = DATA / "avazu_train_head10k.csv"

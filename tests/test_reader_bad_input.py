@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import reference_reader as ref
-from mlfast import reader
+from mlfast.io import reader
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "datasets_raw"
 CRITEO = DATA / "paddlerec_criteo_tiny" / "part-0.txt"

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import reference_reader as ref
-from mlfast import reader
+from mlfast.io import reader
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "datasets_raw" / "taobao_ad_tiny_fuxictr"
 FILES = [DATA / "train_sample.csv", DATA / "test_sample.csv"]

@@ -4,7 +4,7 @@ A textseq cell is a list of texts joined by the bag separator (FuxiCTR's Taobao 
 ``170301^573514``). Each value is hashed as a ``text`` value of the column's bag field; an empty
 cell is a bag of one id, the field's missing row; an empty value inside a cell is bad_sequence.
 The reader emits ``bag_lengths`` [N, S] and ``bag_values`` (per bag field, all rows' ids in row
-order). Everything is checked against a plain-Python reference built on mlfast.hashing.
+order). Everything is checked against a plain-Python reference built on mlfast.io.hashing.
 """
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 import reference_reader as ref
-from mlfast import _native, hashing
+from mlfast import _native
+from mlfast.io import hashing
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "datasets_raw"
 TAOBAO = DATA / "taobao_ad_tiny_fuxictr" / "train_sample.csv"
@@ -31,7 +32,7 @@ def make_spec(columns: list[tuple], buckets: list[int], *, num_bags: int, field_
               delimiter: str = ",", header: bool = False, keys: bool = False, skip: bool = False, seed: int = 0,
               num_threads: int = 1, block_bytes: int = 1 << 20, min_range_bytes: int = 256 << 10,
               vector_hash: bool = True, **extra) -> dict:
-    """A spec dict as mlfast.reader builds it: one-hot fields first, then the bag fields."""
+    """A spec dict as mlfast.io.reader builds it: one-hot fields first, then the bag fields."""
     offsets = np.zeros(len(buckets) + 1, np.int64) if keys else hashing.field_offsets_for(buckets)
     spec = {
         "delimiter": delimiter,

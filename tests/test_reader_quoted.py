@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import reference_reader as ref
-from mlfast import hashing, reader
+from mlfast.io import hashing, reader
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "datasets_raw"
 TAOBAO = DATA / "taobao_ad_tiny_fuxictr" / "train_sample.csv"

@@ -10,9 +10,9 @@ import pytest
 
 from mlfast.api import fit
 from mlfast.cli import main
-from mlfast.reader import read_criteo
+from mlfast.io.reader import read_criteo
 from mlfast.study import parse_groups, run_study
-from mlfast.synth import synth_criteo
+from mlfast.io.synth import synth_criteo
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "datasets_raw"
 TAOBAO = DATA / "taobao_ad_tiny_fuxictr"

@@ -11,8 +11,8 @@ import numba
 import numpy as np
 import pytest
 
-from mlfast.metrics import logloss, roc_auc as auc
-from mlfast.synth import (NUM_CAT, NUM_INT, HiddenModel, SynthConfig, bucket_root, criteo_config, hex_of,
+from mlfast.train.metrics import logloss, roc_auc as auc
+from mlfast.io.synth import (NUM_CAT, NUM_INT, HiddenModel, SynthConfig, bucket_root, criteo_config, hex_of,
                           rank_of_hex, ranks_of_hex_values, read_sidecar, synth_criteo)
 
 DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets_raw"
@@ -254,14 +254,14 @@ def test_config_marginals_match_real_criteo():
 
 def test_reader_reads_generated_file(generated):
     """Cross-check with the native reader when it is built (the plain parser above is the contract)."""
-    reader = pytest.importorskip("mlfast.reader")
+    reader = pytest.importorskip("mlfast.io.reader")
     d = reader.read_criteo(generated["rep"].path)
     assert d.num_rows == ROWS
     np.testing.assert_array_equal(d.labels, generated["rep"].labels.astype(np.float32))
 
 
 def test_bucket_root_is_constant_on_fuxictr_buckets():
-    from mlfast.hashing import fuxictr_int_bucket
+    from mlfast.io.hashing import fuxictr_int_bucket
 
     x = np.array([-3, -1, 0, 1, 2, 3, 4, 5, 20, 1000, 123456, 2**31 - 1])
     b = np.array([fuxictr_int_bucket(int(v)) for v in x], np.float64)

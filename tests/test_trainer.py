@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from mlfast.api import fit
-from mlfast.batches import BatchLoader, split_indices
-from mlfast.config import TrainConfig
+from mlfast.io.batches import BatchLoader, split_indices
+from mlfast.train.config import TrainConfig
 from mlfast.models import FeatureSchema, parse_peers
-from mlfast.reader import read_criteo
-from mlfast.synth import synth_criteo
-from mlfast.trainer import MutualTrainer, peer_seed
+from mlfast.io.reader import read_criteo
+from mlfast.io.synth import synth_criteo
+from mlfast.train.trainer import MutualTrainer, peer_seed
 
 BUCKETS = 2000  # small tables keep these CPU tests quick
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mlfast import hashing
+from mlfast.io import hashing
 from mlfast.api import apply_vocabulary, fit, load_run, prepare_data
-from mlfast.reader import read_criteo, read_avazu
-from mlfast.vocab import Vocabulary, count_keys, count_keys_cupy
+from mlfast.io.reader import read_criteo, read_avazu
+from mlfast.io.vocab import Vocabulary, count_keys, count_keys_cupy
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "datasets_raw"
 HEAD10K = DATA / "criteo_kaggle_head10k" / "train_head10000.txt"

@@ -8,7 +8,7 @@ Example::
     >>> [type(m).__name__ for m in peers]
     ['DeepFM', 'DCN']
 """
-from .base import (
+from mlfast.models.base import (
     ALIASES,
     MODELS,
     CTRModel,
@@ -21,16 +21,16 @@ from .base import (
     parse_peers,
     register,
 )
-from .autoint import AutoInt
-from .dcn import DCN
-from .dcnv2 import DCNv2
-from .deepfm import DeepFM
-from .fibinet import FiBiNET
-from .fm import FM
-from .ipnn import IPNN
-from .lr import LR
-from .wide_deep import WideDeep
-from .xdeepfm import XDeepFM
+from mlfast.models.autoint import AutoInt
+from mlfast.models.dcn import DCN
+from mlfast.models.dcnv2 import DCNv2
+from mlfast.models.deepfm import DeepFM
+from mlfast.models.fibinet import FiBiNET
+from mlfast.models.fm import FM
+from mlfast.models.ipnn import IPNN
+from mlfast.models.lr import LR
+from mlfast.models.wide_deep import WideDeep
+from mlfast.models.xdeepfm import XDeepFM
 
 __all__ = [
     "ALIASES", "MODELS", "CTRModel", "FeatureSchema", "FlatEmbedding", "PeerSpec", "build_model",

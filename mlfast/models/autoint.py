@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import CTRModel, FeatureSchema, register
-from .blocks import MLP, SelfAttentionLayer, check_dropout, check_positive, concat_dense, linear
+from mlfast.models.base import CTRModel, FeatureSchema, register
+from mlfast.models.blocks import MLP, SelfAttentionLayer, check_dropout, check_positive, concat_dense, linear
 
 
 @register

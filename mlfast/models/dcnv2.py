@@ -5,8 +5,8 @@ from typing import Literal
 
 import torch
 
-from .base import CTRModel, FeatureSchema, register
-from .blocks import MLP, CrossNetMix, CrossNetV2, check_positive, concat_dense, linear
+from mlfast.models.base import CTRModel, FeatureSchema, register
+from mlfast.models.blocks import MLP, CrossNetMix, CrossNetV2, check_positive, concat_dense, linear
 
 Structure = Literal["parallel", "stacked", "stacked_parallel", "crossnet_only"]
 

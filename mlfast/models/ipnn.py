@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import CTRModel, FeatureSchema, register
-from .blocks import MLP, InnerProduct, concat_dense
+from mlfast.models.base import CTRModel, FeatureSchema, register
+from mlfast.models.blocks import MLP, InnerProduct, concat_dense
 
 
 @register

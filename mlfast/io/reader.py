@@ -1,9 +1,9 @@
-"""Read raw click logs (Criteo, Avazu, any delimited text) into :class:`mlfast.data.CTRData`.
+"""Read raw click logs (Criteo, Avazu, any delimited text) into :class:`mlfast.io.data.CTRData`.
 
 One native, schema-driven parser (``csrc/reader.cpp``) does the work: a line is split on one
 delimiter byte into columns and each column has a kind (label, integer, hex categorical, text
 categorical, float, Avazu hour, ignored). Criteo, Avazu and generic logs are configurations of it,
-built here. Every categorical value is hashed as :mod:`mlfast.hashing` documents and lands in one
+built here. Every categorical value is hashed as :mod:`mlfast.io.hashing` documents and lands in one
 flat table: ``sparse[i, f] = field_offsets[f] + 1 + key % buckets[f]``, ``field_offsets[f]`` when
 the value is missing (empty).
 
@@ -11,14 +11,14 @@ the value is missing (empty).
   of any size can be parsed; ``iter_*_chunks`` yield one CTRData per block.
 * Parsing runs on ``num_threads`` threads with the GIL released; the arrays are the parser's own
   buffers, handed to numpy without a copy.
-* ``read_*`` keep a verified binary cache of the result (:mod:`mlfast.cache`): later calls
+* ``read_*`` keep a verified binary cache of the result (:mod:`mlfast.io.cache`): later calls
   return memory-mapped arrays.
 * A bad line raises :class:`ParseError` (file, line, field, what was found and expected), or with
   ``on_bad_line="skip"`` is dropped and counted in ``CTRData.skipped`` under a stable reason:
   ``field_count, bad_integer, integer_overflow, bad_categorical, bad_label, bad_float, bad_hour,
   invalid_utf8, bad_sequence, bad_quote`` (and ``blank_line``, which is never an error).
 * Generic logs may have multi-hot columns (``DelimitedSchema.sequence``, e.g. a click history
-  ``170301^573514``): each becomes a :class:`mlfast.data.BagField` in ``CTRData.bags``.
+  ``170301^573514``): each becomes a :class:`mlfast.io.data.BagField` in ``CTRData.bags``.
 
 Line endings may be ``\\n`` or ``\\r\\n``; the last line may lack its newline; a UTF-8 byte-order mark
 at the start of the file is ignored. Generic logs may quote fields as CSV files from pandas or Excel
@@ -31,7 +31,7 @@ byte). Criteo and Avazu logs are never quoted: there a delimiter always ends a f
 
 Example::
 
-    >>> from mlfast.reader import read_criteo
+    >>> from mlfast.io.reader import read_criteo
     >>> d = read_criteo("../shared/datasets_raw/criteo_kaggle_head10k/train_head10000.txt", cache=False)
     >>> d.sparse.shape, d.dense.shape, d.field_names[13]
     ((10000, 39), (10000, 13), 'C1')
@@ -47,10 +47,10 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from . import _native
-from . import cache as _cache
-from . import hashing
-from .data import BagField, CTRData
+from mlfast import _native
+from mlfast.io import cache as _cache
+from mlfast.io import hashing
+from mlfast.io.data import BagField, CTRData
 
 __all__ = [
     "ParseError",
@@ -638,7 +638,7 @@ def read_criteo(path: str | os.PathLike, *, format: str = "auto", int_buckets: b
       stored as 1. ``field_offsets`` is then all zeros (no table exists yet) and
       ``meta["keys"]`` is True.
     * ``num_threads``: parser threads (default: all CPUs); ``chunk_bytes``: input block size.
-    * ``cache``: keep / reuse a verified, memory-mapped binary copy (:mod:`mlfast.cache`) in
+    * ``cache``: keep / reuse a verified, memory-mapped binary copy (:mod:`mlfast.io.cache`) in
       ``cache_dir`` (default ``$MLFAST_CACHE_DIR`` or ``~/.cache/mlfast``); ``meta["cache"]``
       says whether it was a hit, a miss or a rebuild.
 

@@ -1,7 +1,7 @@
 """Sparse (row-wise, lazy) embedding optimizers: the definition and the plain-PyTorch reference.
 
 The fused Triton backward (``mlfast.kernels.embedding_bag``) and the numba CPU kernels
-(``mlfast.cpu_sparse``) implement exactly this; tests compare both against
+(``mlfast.ops.cpu_sparse``) implement exactly this; tests compare both against
 ``sparse_update_reference``.
 
 Inputs of one step: the table ``weight`` [V, W] (W may hold several peers' columns side by side:

@@ -19,9 +19,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .config import TrainConfig
-from .losses import fused_mutual_loss, mutual_loss
-from .sparse_optim import SparseOptimConfig
+from mlfast.train.config import TrainConfig
+from mlfast.ops.mutual_loss import fused_mutual_loss, mutual_loss
+from mlfast.ops.sparse_optim import SparseOptimConfig
 
 
 def _stack_logits(logits: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -160,7 +160,7 @@ class FusedEngine(Engine):
         on the CPU) or "reference" (plain PyTorch). Tests run "triton" on the CPU under the
         Triton interpreter."""
         super().__init__(peers, cfg, device, lr)
-        from .kernels.peer_tables import PeerTables
+        from mlfast.train.tables import PeerTables
 
         self.sparse_cfg = SparseOptimConfig(kind=cfg.sparse_optimizer, lr=lr, weight_decay=cfg.embedding_l2)
         backend = backend or ("triton" if device.type == "cuda" else "cpu")

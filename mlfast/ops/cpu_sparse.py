@@ -1,4 +1,4 @@
-"""Sparse embedding optimizers on the CPU, in numba: exactly ``mlfast.sparse_optim``'s definition.
+"""Sparse embedding optimizers on the CPU, in numba: exactly ``mlfast.ops.sparse_optim``'s definition.
 
 ``sparse_update`` replaces torch's embedding backward + optimizer step on the CPU training path: it
 reads the gradient of each looked-up row and touches only the rows that were looked up, never a
@@ -36,7 +36,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from mlfast.sparse_optim import SparseOptimConfig, SparseOptimState
+from mlfast.ops.sparse_optim import SparseOptimConfig, SparseOptimState
 
 _KIND_IDS = {"sgd": 0, "adagrad": 1, "adam": 2}
 _ROW_BLOCK_SHIFT = 4  # rows are dealt to threads in blocks of 2**4
@@ -245,7 +245,7 @@ def sparse_update(
 
     Example::
 
-        >>> from mlfast.sparse_optim import SparseOptimConfig, SparseOptimState
+        >>> from mlfast.ops.sparse_optim import SparseOptimConfig, SparseOptimState
         >>> w = torch.zeros(10, 4); cfg = SparseOptimConfig("adam", lr=0.1)
         >>> st = SparseOptimState.create(w, cfg)
         >>> sparse_update(w, torch.tensor([3, 3, 7]), torch.ones(3, 4), st, cfg)

@@ -17,8 +17,8 @@ and applies the same fused optimizer step to the member rows (repeats summed, as
 
 Backends (``backend=``): ``"triton"`` (the fused kernels of ``embedding_bag`` / ``sparse_update``;
 the default on CUDA; CPU tensors need the Triton interpreter), ``"cpu"`` (torch gather forward,
-``mlfast.cpu_sparse.sparse_update`` backward; the default on the CPU) and ``"reference"`` (torch
-gather, ``mlfast.sparse_optim.sparse_update_reference``).
+``mlfast.ops.cpu_sparse.sparse_update`` backward; the default on the CPU) and ``"reference"`` (torch
+gather, ``mlfast.ops.sparse_optim.sparse_update_reference``).
 
 Use one lookup (``lookup``, ``lookup_bags`` or ``lookup_fields``) per training step: each
 backward is one optimizer step (the step counter t
@@ -32,10 +32,10 @@ from typing import Sequence
 import torch
 
 from mlfast.models.base import EMBEDDING_INIT_STD
-from mlfast.sparse_optim import SparseOptimConfig, SparseOptimState, sparse_update_reference
+from mlfast.ops.sparse_optim import SparseOptimConfig, SparseOptimState, sparse_update_reference
 
-from .embedding_bag import _check_widths, check_bags, embedding_bag_forward, embedding_forward, peer_offsets
-from .sparse_update import DeviceOptimState, sparse_update
+from mlfast.kernels.embedding_bag import _check_widths, check_bags, embedding_bag_forward, embedding_forward, peer_offsets
+from mlfast.kernels.sparse_update import DeviceOptimState, sparse_update
 
 __all__ = ["PeerTables", "PeerLookupFunction", "PeerBagFunction", "PeerFieldsFunction", "BACKENDS"]
 
@@ -43,9 +43,9 @@ BACKENDS = ("triton", "cpu", "reference")
 
 
 def _cpu_sparse_update():
-    """``mlfast.cpu_sparse.sparse_update`` (numba) when installed, else the plain reference."""
+    """``mlfast.ops.cpu_sparse.sparse_update`` (numba) when installed, else the plain reference."""
     try:
-        from mlfast.cpu_sparse import sparse_update as fn
+        from mlfast.ops.cpu_sparse import sparse_update as fn
     except ImportError:
         return sparse_update_reference
     return fn
@@ -194,7 +194,7 @@ class PeerTables:
     Example::
 
         >>> import torch
-        >>> from mlfast.sparse_optim import SparseOptimConfig
+        >>> from mlfast.ops.sparse_optim import SparseOptimConfig
         >>> deepfm, dcn = torch.randn(1000, 17), torch.randn(1000, 16)
         >>> t = PeerTables.from_peer_weights([deepfm, dcn], SparseOptimConfig("adam", lr=1e-3))
         >>> e1, e2 = t.lookup(torch.randint(0, 1000, (8, 39)))

@@ -42,7 +42,7 @@ libm could, in principle, round an ``exp`` differently and move one sampled inte
 
 Example::
 
-    >>> from mlfast.synth import synth_criteo
+    >>> from mlfast.io.synth import synth_criteo
     >>> rep = synth_criteo("/tmp/synth_example.tsv", 100_000, seed=1)
     >>> round(rep.positive_rate, 2), round(rep.text_bytes / rep.rows), 0.75 < rep.bayes_auc < 0.82
     (0.25, 243, True)
@@ -60,7 +60,7 @@ from pathlib import Path
 import numba as nb
 import numpy as np
 
-from .hashing import fmix64 as _fmix64
+from mlfast.io.hashing import fmix64 as _fmix64
 
 GENERATOR_VERSION = 1
 NUM_INT = 13
@@ -871,7 +871,7 @@ def sidecar_path(path: str | os.PathLike) -> Path:
 
 def write_sidecar(report: SynthReport, config: SynthConfig) -> Path:
     p = sidecar_path(report.path)
-    doc = {"generator": "mlfast.synth.synth_criteo", "version": GENERATOR_VERSION,
+    doc = {"generator": "mlfast.io.synth.synth_criteo", "version": GENERATOR_VERSION,
            "report": report.to_dict(), "config": config.to_dict()}
     p.write_text(json.dumps(doc, indent=1) + "\n")
     return p

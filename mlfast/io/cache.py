@@ -15,7 +15,7 @@ corrupt (bad manifest, truncated or altered data) is rebuilt with a warning sayi
 
 Example::
 
-    >>> import tempfile, mlfast.reader as r
+    >>> import tempfile, mlfast.io.reader as r
     >>> path, where = "../shared/datasets_raw/paddlerec_criteo_tiny/part-0.txt", tempfile.mkdtemp()
     >>> a = r.read_criteo(path, cache_dir=where)
     >>> b = r.read_criteo(path, cache_dir=where)
@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from . import _native
+from mlfast import _native
 
 MAGIC = "mlfast-ctr-cache"
 CACHE_VERSION = 1

@@ -143,7 +143,7 @@ class Vocabulary:
 
     def transform_bags(self, bags: Sequence) -> list:
         """The ``BagField``s of keys as BagFields of global row ids (same offsets)."""
-        from .data import BagField
+        from mlfast.io.data import BagField
 
         if len(bags) != self.num_bags:
             raise ValueError(f"the vocabulary has {self.num_bags} bag fields, got {len(bags)}")

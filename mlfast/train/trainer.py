@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import checkpoint as ckpt
-from .config import TrainConfig
-from .engine import Engine, make_engine
-from .metrics import peer_metrics
-from .models import FeatureSchema, PeerSpec, build_model
+from mlfast.train import checkpoint as ckpt
+from mlfast.train.config import TrainConfig
+from mlfast.train.engine import Engine, make_engine
+from mlfast.train.metrics import peer_metrics
+from mlfast.models import FeatureSchema, PeerSpec, build_model
 
 MIN_DELTA = 1e-6  # an AUC must beat the best by this much to count as an improvement
 LOG_EVERY = 20  # steps between progress updates (each one is a host sync)

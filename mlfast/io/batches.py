@@ -16,8 +16,8 @@ are wrapped with ``torch.from_numpy``: the gather is the only copy.
 Example::
 
     >>> import numpy as np
-    >>> from mlfast.data import CTRData
-    >>> from mlfast.batches import BatchLoader, split_indices
+    >>> from mlfast.io.data import CTRData
+    >>> from mlfast.io.batches import BatchLoader, split_indices
     >>> n = 10
     >>> d = CTRData(labels=np.zeros(n, np.float32), dense=np.zeros((n, 2), np.float32),
     ...             dense_missing=np.zeros((n, 2), bool), sparse=np.zeros((n, 3), np.int64),
@@ -41,7 +41,7 @@ import numba as nb
 import numpy as np
 import torch
 
-from mlfast.data import CTRData
+from mlfast.io.data import CTRData
 
 PREFETCH_THREAD_NAME = "mlfast-batch-prefetch"
 
@@ -166,7 +166,7 @@ class BatchLoader:
     ``set_epoch``'s value (0 by default).
 
         >>> import numpy as np
-        >>> from mlfast.data import CTRData
+        >>> from mlfast.io.data import CTRData
         >>> d = CTRData(labels=np.arange(5, dtype=np.float32), dense=np.zeros((5, 1), np.float32),
         ...             dense_missing=np.zeros((5, 1), bool), sparse=np.arange(10).reshape(5, 2),
         ...             field_offsets=np.array([0, 5, 10]), field_names=["a", "b"])
@@ -402,17 +402,17 @@ def iter_batches(
     start_batch: int = 0,
     **loader_kwargs: Any,
 ) -> Iterator[Batch]:
-    """Batches of one epoch of a ``CTRData`` or of a Criteo file (read with ``mlfast.reader``).
+    """Batches of one epoch of a ``CTRData`` or of a Criteo file (read with ``mlfast.io.reader``).
 
         >>> import numpy as np
-        >>> from mlfast.data import CTRData
+        >>> from mlfast.io.data import CTRData
         >>> d = CTRData(labels=None, dense=np.zeros((4, 0), np.float32), dense_missing=np.zeros((4, 0), bool),
         ...             sparse=np.arange(4).reshape(4, 1), field_offsets=np.array([0, 4]), field_names=["a"])
         >>> [b.sparse[:, 0].tolist() for b in iter_batches(d, 3)]
         [[0, 1, 2], [3]]
     """
     if isinstance(data_or_path, (str, os.PathLike)):
-        from mlfast.reader import read_criteo  # lazy: the native reader is optional for in-memory use
+        from mlfast.io.reader import read_criteo  # lazy: the native reader is optional for in-memory use
 
         data_or_path = read_criteo(data_or_path)
     loader = BatchLoader(data_or_path, batch_size, shuffle=shuffle, seed=seed, **loader_kwargs)

@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import TrainConfig
-from .engine import PlainEngine, _stack_logits
-from .losses import mutual_loss
+from mlfast.train.config import TrainConfig
+from mlfast.train.engine import PlainEngine, _stack_logits
+from mlfast.ops.mutual_loss import mutual_loss
 
 
 class CompiledPlainEngine(PlainEngine):

@@ -6,8 +6,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .losses import MUTUAL_KINDS
-from .sparse_optim import SPARSE_OPTIMIZERS
+from mlfast.ops.mutual_loss import MUTUAL_KINDS
+from mlfast.ops.sparse_optim import SPARSE_OPTIMIZERS
 
 ENGINES = ("auto", "plain", "fused")
 REGIMES = ("joint", "finetune")
