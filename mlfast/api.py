@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import time
+import logging
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -23,184 +23,59 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from mlfast.train import checkpoint as ckpt
-from mlfast.io.batches import BatchLoader, split_indices
-from mlfast.train.config import TrainConfig
+from mlfast.io.batches import BatchLoader
 from mlfast.io.data import CTRData
-from mlfast.train.metrics import peer_metrics
-from mlfast.models import CTRModel, FeatureSchema, PeerSpec, build_model, parse_peers
+from mlfast.io.prepare import (READER_DEFAULTS, Prepared, Split, apply_vocabulary, check_batch_size, prepare_data,
+                               read_file, reader_options)
+from mlfast.models import FeatureSchema, PeerSpec, parse_peers
 from mlfast.report import metrics_table, plot_curves, solo_vs_mutual_rows, solo_vs_mutual_table, write_curves_csv
-from mlfast.train.trainer import MutualTrainer, peer_seed, resolve_device
+from mlfast.train import checkpoint as ckpt
+from mlfast.train.config import TrainConfig
+from mlfast.train.group import PeerGroup
+from mlfast.train.metrics import peer_metrics
+from mlfast.train.trainer import MutualTrainer, predict_group, resolve_device
 
-SPLIT_RATIOS = (8, 1, 1)
+__all__ = ["fit", "load_run", "FitResult", "Predictor", "RunExists", "prepare_data", "reader_options", "read_file",
+           "write_predictions_csv", "Split", "Prepared", "READER_DEFAULTS"]
+
+log = logging.getLogger("mlfast")
+
 EVAL_BATCH_SIZE = 16384
 MODEL_FILE = "model.pt"
-
-READER_DEFAULTS: dict[str, Any] = {
-    "format": "auto",
-    "hash_buckets": None,
-    "hash_seed": 0,
-    "int_buckets": True,
-    "on_bad_line": "error",
-    "cache": True,
-    "num_threads": None,
-    "schema": None,  # a DelimitedSchema (as a dict) for generic delimited logs
-    "min_count": None,  # vocabulary mode (FuxiCTR/BARS): values seen < min_count times -> OOV
-}
+RUN_FILES = ("config.json", "last.pt", "best.pt", MODEL_FILE, "metrics.json", "curves.csv", "curves.png",
+             "finished.json", "train.log", "vocab.npz")
+# Settings a resumed run may change: they extend or steer the continuation without making it a
+# different run (every other setting must match the saved configuration).
+RESUME_MUTABLE = frozenset({"epochs", "finetune_epochs", "max_steps", "patience", "checkpoint_every", "device",
+                            "num_threads", "progress", "cuda_graph", "graph_fallback"})
 
 
-def reader_options(**overrides: Any) -> dict[str, Any]:
-    """The reader settings of a run (stored with it so eval/predict parse new files identically)."""
-    unknown = set(overrides) - set(READER_DEFAULTS)
-    if unknown:
-        raise ValueError(f"unknown reader options: {', '.join(sorted(unknown))}")
-    opts = {**READER_DEFAULTS, **{k: v for k, v in overrides.items() if v is not None}}
-    if opts["min_count"] is not None and int(opts["min_count"]) < 1:
-        raise ValueError(f"min_count={opts['min_count']!r}: expected an integer >= 1")
-    if opts["schema"] is not None and not isinstance(opts["schema"], dict):
-        opts["schema"] = dataclasses.asdict(opts["schema"])
-    return opts
-
-
-def read_file(path: str | Path, options: dict[str, Any], keys: bool = False) -> CTRData:
-    """Read one file with the run's reader options (``keys=True``: raw 64-bit keys, for vocabularies)."""
-    from mlfast.io.reader import DelimitedSchema, read
-
-    kw = {k: v for k, v in options.items() if k not in ("schema", "min_count")}
-    if options.get("schema") is not None:
-        kw["format"] = "delimited"
-        # A run stored before quoting existed has no "quote": it read quotes as plain bytes.
-        kw["schema"] = DelimitedSchema(**{"quote": None, **options["schema"]})
-    return read(str(path), keys=keys, **kw)
-
-
-def _check_same_layout(ref: CTRData, other: CTRData, what: str) -> None:
-    if list(ref.field_names) != list(other.field_names) or not np.array_equal(
-            np.asarray(ref.field_offsets), np.asarray(other.field_offsets)):
-        raise ValueError(f"{what} ({other.source}) has a different field layout than the training data "
-                         f"({ref.source}): read both with the same format and hashing options")
-
-
-# ------------------------------------------------------------------------------- data preparation
-@dataclass
-class Split:
-    """A dataset with the rows of one split (None = all rows)."""
-
-    data: CTRData
-    indices: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        return len(self.data) if self.indices is None else len(self.indices)
-
-    def loader(self, batch_size: int, *, shuffle: bool = False, seed: int = 0, device=None,
-               use_dense: bool = False) -> BatchLoader:
-        return BatchLoader(self.data, batch_size, indices=self.indices, shuffle=shuffle, seed=seed,
-                           device=device, use_dense=use_dense)
-
-
-@dataclass
-class Prepared:
-    """Train / valid / test splits in the embedding layout, and how they were made."""
-
-    splits: dict[str, Split | None]
-    reader: dict[str, Any]
-    vocab: Any = None  # mlfast.io.vocab.Vocabulary in vocabulary mode
-    info: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def train_data(self) -> CTRData:
-        return self.splits["train"].data
-
-
-def prepare_data(train: str | Path | CTRData, valid=None, test=None, *, reader: dict[str, Any] | None = None,
-                 split_seed: int = 0) -> Prepared:
-    """Read the files (or take CTRData as is) and make the splits.
-
-    Without ``valid`` the training file is split 8:1:1 (seeded by ``split_seed``); ``test``
-    without ``valid`` is refused. With ``reader["min_count"]`` the vocabulary is counted on the
-    training rows only, then applied to every split (unseen values -> the field's OOV row).
-    """
-    ropts = reader_options(**(reader or {}))
-    vocab_mode = ropts["min_count"] is not None
-    if test is not None and valid is None:
-        raise ValueError("a test file without a validation file: give a validation file too, or neither "
-                         "(then the training file is split 8:1:1)")
-
-    def load(x, what):
-        if x is None:
-            return None
-        if isinstance(x, CTRData):
-            if vocab_mode and not x.meta.get("keys"):
-                raise ValueError(f"{what}: vocabulary mode needs data read with keys=True")
-            d = x
-        else:
-            d = read_file(x, ropts, keys=vocab_mode)
-        if d.labels is None:
-            raise ValueError(f"{what} ({d.source}) has no labels (test format): it cannot be used to train or evaluate")
-        return d
-
-    t0 = time.perf_counter()
-    tr, va, te = load(train, "training data"), load(valid, "validation data"), load(test, "test data")
-    for what, d in (("validation data", va), ("test data", te)):
-        if d is not None:
-            _check_same_layout(tr, d, what)
-    if va is None:
-        i_tr, i_va, i_te = split_indices(len(tr), SPLIT_RATIOS, split_seed)
-    else:
-        i_tr = i_va = i_te = None
-    vocab = None
-    if vocab_mode:
-        from mlfast.io.vocab import Vocabulary
-
-        vocab = Vocabulary.fit(tr.sparse, tr.field_names, int(ropts["min_count"]), rows=i_tr, bags=tr.bags)
-        tr = apply_vocabulary(tr, vocab)
-        va = apply_vocabulary(va, vocab) if va is not None else None
-        te = apply_vocabulary(te, vocab) if te is not None else None
-    if va is None:
-        splits = {"train": Split(tr, i_tr), "valid": Split(tr, i_va), "test": Split(tr, i_te)}
-    else:
-        splits = {"train": Split(tr), "valid": Split(va), "test": Split(te) if te is not None else None}
-    info = {
-        "train": tr.source, "valid": va.source if va is not None else None, "test": te.source if te is not None else None,
-        "split": None if valid is not None else {"ratios": list(SPLIT_RATIOS), "seed": split_seed},
-        "rows": {k: len(v) for k, v in splits.items() if v is not None},
-        "skipped": dict(tr.skipped), "read_seconds": time.perf_counter() - t0,
-    }
-    return Prepared(splits, ropts, vocab, info)
-
-
-def apply_vocabulary(data: CTRData, vocab) -> CTRData:
-    """Keys -> row ids of ``vocab`` (a new CTRData; dense and labels shared)."""
-    if not data.meta.get("keys"):
-        raise ValueError(f"{data.source}: vocabulary mode needs data read with keys=True")
-    meta = {**data.meta, "keys": False, "min_count": vocab.min_count}
-    return dataclasses.replace(data, sparse=vocab.transform(data.sparse), bags=vocab.transform_bags(data.bags),
-                               field_offsets=vocab.field_offsets, meta=meta)
+class RunExists(ValueError):
+    """The run directory already holds a run and neither resume nor overwrite was asked for."""
 
 
 # ------------------------------------------------------------------------------------ predictor
 class Predictor:
-    """Trained peers (plain PyTorch, no training state) that score CTRData or files.
+    """Trained peers (a `PeerGroup`, no training state) that score CTRData or files.
 
     ``Predictor.load(run_dir)`` loads ``model.pt`` (written when a run finishes), falling back to
-    ``best.pt`` / ``last.pt`` of an unfinished run.
+    ``best.pt`` / ``last.pt`` of an unfinished run. After ``fit`` the result's predictor holds the
+    trainer's own group: validation, ``predict`` and ``eval`` run through the same module.
     """
 
-    def __init__(self, specs: Sequence[PeerSpec], schema: FeatureSchema, states: Sequence[dict],
-                 reader: dict[str, Any], embedding_dim: int = 16, use_dense: bool = False, device=None,
-                 vocab=None):
-        self.specs = list(specs)
-        self.labels = [s.label for s in self.specs]
-        self.schema = schema
+    def __init__(self, group: PeerGroup, reader: dict[str, Any], use_dense: bool = False, device=None, vocab=None):
+        self.group = group.eval()
+        self.specs = list(group.specs)
+        self.labels = group.labels
+        self.schema = group.schema
         self.reader = dict(reader)
         self.vocab = vocab
         self.use_dense = use_dense
-        self.device = resolve_device(device)
-        self.models: list[CTRModel] = []
-        for spec, st in zip(self.specs, states):
-            m = build_model(spec, schema, embedding_dim)
-            m.load_state_dict(st)
-            self.models.append(m.to(self.device).eval())
+        self.device = resolve_device(device) if device is not None else next(group.buffers()).device
+
+    @property
+    def models(self) -> list:
+        return list(self.group.peers)
 
     @classmethod
     def load(cls, run_dir: str | Path, device=None) -> "Predictor":
@@ -213,15 +88,14 @@ class Predictor:
                 break
         else:
             raise FileNotFoundError(f"{run}: no {MODEL_FILE}, best.pt or last.pt (is this an mlfast run directory?)")
-        cfg = state["config"]
+        dev = resolve_device(device)
+        group = inference_group(state, dev)
         vocab = None
         if state.get("vocab") is not None:
             from mlfast.io.vocab import Vocabulary
 
             vocab = Vocabulary.from_state(state["vocab"])
-        return cls([PeerSpec.from_dict(p) for p in state["peers"]], FeatureSchema.from_dict(state["schema"]),
-                   state["peer_states"], state.get("reader", READER_DEFAULTS), cfg["embedding_dim"],
-                   cfg["use_dense"], device, vocab)
+        return cls(group, state.get("reader", READER_DEFAULTS), state["config"]["use_dense"], dev, vocab)
 
     def read(self, path: str | Path, **overrides: Any) -> CTRData:
         """Read a file exactly as the training data was read (same format options, hashing or vocabulary)."""
@@ -237,16 +111,12 @@ class Predictor:
                              f"{self.schema.table_rows})")
         return data
 
-    @torch.no_grad()
     def predict_proba(self, data: str | Path | CTRData, batch_size: int = EVAL_BATCH_SIZE) -> np.ndarray:
         """Probabilities [N, P] in input order."""
         if not isinstance(data, CTRData):
             data = self.read(data)
         loader = BatchLoader(data, batch_size, device=self.device, use_dense=self.use_dense)
-        out = []
-        for b in loader.epoch(0):
-            out.append(torch.stack([torch.sigmoid(m(b.sparse, b.dense, b.bags).float()) for m in self.models], 1))
-        return torch.cat(out).cpu().numpy() if out else np.zeros((0, len(self.models)), np.float32)
+        return predict_group(self.group, loader)[0]
 
     def predict(self, data: str | Path | CTRData, batch_size: int = EVAL_BATCH_SIZE) -> dict[str, np.ndarray]:
         """{peer label: probabilities [N], ..., "ensemble": mean probability [N]} in input order."""
@@ -255,7 +125,7 @@ class Predictor:
         out["ensemble"] = p.mean(1)
         return out
 
-    def evaluate(self, data: str | Path | CTRData, batch_size: int = EVAL_BATCH_SIZE) -> dict[str, dict[str, float]]:
+    def evaluate(self, data: str | Path | CTRData, batch_size: int = EVAL_BATCH_SIZE) -> dict[str, dict]:
         if not isinstance(data, CTRData):
             data = self.read(data)
         if data.labels is None:
@@ -263,36 +133,71 @@ class Predictor:
         return peer_metrics(data.labels, self.predict_proba(data, batch_size), self.labels)
 
 
-def write_predictions_csv(preds: dict[str, np.ndarray], path: str | Path) -> None:
-    """CSV with a header (one column per peer, then ``ensemble``), one row per input row."""
+def inference_group(state: dict[str, Any], device: torch.device) -> PeerGroup:
+    """The `PeerGroup` of a checkpoint (model.pt, best.pt or last.pt), without optimizer state."""
+    specs = [PeerSpec.from_dict(p) for p in state["peers"]]
+    schema = FeatureSchema.from_dict(state["schema"])
+    cfg = state["config"]
+    snaps = [state["state"]] if "state" in state else [b for b in state["best"] if b is not None]
+    seeds = snaps[0]["tables"]["seeds"] if snaps else state["seeds"]
+    group = PeerGroup.build(specs, schema, embedding_dim=cfg["embedding_dim"], seeds=seeds, kind="fused",
+                            device=device)
+    if "state" in state:
+        group.restore(state["state"])
+    else:  # best.pt: each peer's best weights, possibly from different steps
+        for i, b in enumerate(state["best"]):
+            if b is not None:
+                group.restore(b, peers=[i])
+    return group.eval()
+
+
+def write_predictions_csv(preds: dict[str, np.ndarray], path: str | Path,
+                          ids: tuple[str, np.ndarray] | None = None) -> None:
+    """CSV with a header: ``ids``' column first (e.g. ``("row", rows)``), one column per peer, then
+    ``ensemble``; one line per input row."""
     names = list(preds)
-    cols = np.stack([preds[n] for n in names], 1) if names else np.zeros((0, 0))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    cols = [np.char.mod("%.6g", preds[n]) for n in names]
+    if ids is not None:
+        cols.insert(0, np.asarray(ids[1]).astype(str))
+        names = [ids[0]] + names
     with open(path, "w") as f:
         f.write(",".join(names) + "\n")
-        np.savetxt(f, cols, fmt="%.6g", delimiter=",")
+        if cols and len(cols[0]):
+            np.savetxt(f, np.stack(cols, 1), fmt="%s", delimiter=",")
 
 
 # ---------------------------------------------------------------------------------- phases
 class Session:
     """One prepared dataset, its loaders and the run-level state the training phases share."""
 
-    def __init__(self, prep: Prepared, cfg: TrainConfig, device=None, log: Callable = print):
+    def __init__(self, prep: Prepared, cfg: TrainConfig, device=None, log: Callable | None = None):
         self.prep = prep
         self.cfg = cfg
-        self.log = log
+        self.log = log or globals()["log"].info
         self.device = resolve_device(device if device is not None else cfg.device)
         self.schema = FeatureSchema.from_data(prep.train_data, use_dense=cfg.use_dense)
-        self.batch_size = cfg.resolved_batch_size(len(prep.splits["train"]))
+        n_train = len(prep.splits["train"])
+        self.batch_size = cfg.resolved_batch_size(n_train)
+        if cfg.batch_size is not None:
+            check_batch_size(cfg.batch_size, n_train)
         ebs = max(self.batch_size, EVAL_BATCH_SIZE)
         sp = prep.splits
+        ids_dtype = torch.int32 if self.schema.table_rows < 2**31 else torch.int64
         self.loaders = {
-            "train": sp["train"].loader(self.batch_size, shuffle=True, seed=cfg.seed, device=self.device,
-                                        use_dense=cfg.use_dense),
-            "valid": sp["valid"].loader(ebs, device=self.device, use_dense=cfg.use_dense),
-            "test": sp["test"].loader(ebs, device=self.device, use_dense=cfg.use_dense) if sp["test"] else None,
+            "train": BatchLoader(sp["train"].data, self.batch_size, indices=sp["train"].indices, shuffle=True,
+                                 seed=cfg.seed, device=self.device, use_dense=cfg.use_dense, min_last=2,
+                                 ids_dtype=ids_dtype),
+            "valid": BatchLoader(sp["valid"].data, ebs, indices=sp["valid"].indices, device=self.device,
+                                 use_dense=cfg.use_dense, ids_dtype=ids_dtype),
+            "test": BatchLoader(sp["test"].data, ebs, indices=sp["test"].indices, device=self.device,
+                                use_dense=cfg.use_dense, ids_dtype=ids_dtype) if sp["test"] else None,
         }
+        dropped = n_train % self.batch_size == 1
+        if dropped:
+            self.log(f"note: the last batch of each epoch would hold 1 row, which BatchNorm cannot normalise: it is "
+                     f"left out (a different row each epoch, the training order being shuffled)")
         self.extra = {"reader": prep.reader, "data": prep.info,
                       "vocab": prep.vocab.to_state() if prep.vocab is not None else None}
 
@@ -312,17 +217,27 @@ class Session:
         cfg = cfg or self.cfg
         t = MutualTrainer(specs, self.schema, cfg, device=self.device, init_states=init_states, lr=lr)
         done = _finished(out) if resume else None
-        if done is not None:
+        if done is not None and done.get("epochs", cfg.epochs) >= cfg.epochs:
             t.load_finished(out)
-            return t, done
-        if out is not None and not resume:
-            (out / "finished.json").unlink(missing_ok=True)  # a stale phase must not be taken as done
-        summary = t.fit(self.loaders["train"], self.loaders["valid"], out,
-                        resume=resume and out is not None and (out / "last.pt").exists(),
-                        extra_state=self.extra, evaluate_first=evaluate_first)
+            return t, done["summary"] if "summary" in done else done
         if out is not None:
-            save_model(t, out / MODEL_FILE, out)
-            ckpt.write_json(out / "finished.json", summary)
+            (out / "finished.json").unlink(missing_ok=True)  # a stale (or extended) phase is not done
+        board = None
+        if cfg.tensorboard and out is not None:
+            from mlfast.report import TensorBoardScalars
+
+            board = TensorBoardScalars(out / "tensorboard")
+            t.listeners.append(board)
+        try:
+            summary = t.fit(self.loaders["train"], self.loaders["valid"], out,
+                            resume=resume and out is not None and (out / "last.pt").exists(),
+                            extra_state=self.extra, evaluate_first=evaluate_first)
+        finally:
+            if board is not None:
+                board.close()
+        if out is not None:
+            ckpt.save_checkpoint(out / MODEL_FILE, {"kind": "model", "state": t.group.snapshot(), **t._meta()})
+            ckpt.write_json(out / "finished.json", {"epochs": cfg.epochs, "summary": summary})
         return t, summary
 
     def pretrain(self, specs: Sequence[PeerSpec], out: Path | None, resume: bool = False):
@@ -333,7 +248,7 @@ class Session:
             self.log(f"pretraining {spec.label} alone")
             sub = out / f"solo_{spec.label}" if out is not None else None
             t, summaries[spec.label] = self.train_group([spec], sub, resume=resume)
-            states[spec.label] = t.peer_states()[0]
+            states[spec.label] = t.group.snapshot()
             preds[spec.label] = self.predictions(t)
             metrics[spec.label] = {k: (peer_metrics(v[1], v[0], [spec.label]) if v is not None else None)
                                    for k, v in preds[spec.label].items()}
@@ -355,21 +270,72 @@ def _finished(run: Path | None) -> dict | None:
     return json.loads((run / "finished.json").read_text())
 
 
-def save_model(trainer: MutualTrainer, path: Path, run_dir: Path) -> None:
-    """Write the trainer's final peers as ``path`` (what eval/predict load). When they are the
-    best-by-validation weights already in ``run_dir/best.pt`` (the usual case: the trainer restores
-    them at the end), the file is hard-linked instead of written again: tables can be gigabytes."""
-    best = run_dir / "best.pt"
-    if trainer.finished_on_best and best.is_file():
-        tmp = path.with_name(path.name + ".link")
-        tmp.unlink(missing_ok=True)
-        try:
-            os.link(best, tmp)
-            os.replace(tmp, path)
-            return
-        except OSError:
-            pass  # no hard links on this file system: write a copy
-    ckpt.save_checkpoint(path, {"kind": "model", "peer_states": trainer.peer_states(copy=False), **trainer._meta()})
+# ------------------------------------------------------------------------------ run directories
+def _saved_run(out_dir: Path) -> dict | None:
+    f = out_dir / "config.json"
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def resume_settings(out_dir: Path, given: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any], dict[str, Any], list[str]]:
+    """The saved configuration of the run in ``out_dir`` with the settings ``given`` again applied
+    (``{"config": {...}, "reader": {...}, "data": {"train":..., "valid":..., "test":...}}``);
+    ValueError naming every given setting that differs from the saved run but cannot change on
+    resume. Returns (config, reader options, data paths, changed settings)."""
+    saved = _saved_run(out_dir)
+    if saved is None:
+        raise FileNotFoundError(f"--resume: {out_dir} holds no mlfast run (no config.json)")
+    cfg = dict(saved["config"])
+    conflicts, changed = [], []
+    for k, v in given.get("config", {}).items():
+        if k not in cfg:
+            conflicts.append(f"{k} (unknown to the saved run)")
+        elif _norm(cfg[k]) != _norm(v):
+            if k in RESUME_MUTABLE:
+                cfg[k] = v
+                changed.append(k)
+            else:
+                conflicts.append(f"{k}: saved {cfg[k]!r}, given {v!r}")
+    reader = dict(saved["reader"])
+    for k, v in given.get("reader", {}).items():
+        if _norm(reader.get(k)) != _norm(v):
+            conflicts.append(f"reader option {k}: saved {reader.get(k)!r}, given {v!r}")
+    data = {k: saved["data"].get(k) for k in ("train", "valid", "test")}
+    for k, v in given.get("data", {}).items():
+        if v is not None and data.get(k) is not None and Path(v).resolve() != Path(data[k]).resolve():
+            conflicts.append(f"{k} data: saved {data[k]}, given {v}")
+    if conflicts:
+        raise ValueError(f"--resume: these settings differ from the saved run in {out_dir} and cannot change on "
+                         f"resume (only {', '.join(sorted(RESUME_MUTABLE))} can): " + "; ".join(conflicts))
+    return TrainConfig.from_dict(cfg), reader, data, changed
+
+
+def _norm(v: Any) -> Any:
+    if isinstance(v, tuple):
+        return [_norm(x) for x in v]
+    if isinstance(v, list):
+        return [_norm(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _norm(x) for k, x in v.items()}
+    return v
+
+
+def prepare_run_dir(out_dir: Path, resume: bool, overwrite: bool) -> bool:
+    """Check (and with ``overwrite`` clear) the run directory; True when it did not exist before."""
+    if resume:
+        if not out_dir.is_dir():
+            raise FileNotFoundError(f"--resume: run directory not found: {out_dir}")
+        return False
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RunExists(f"--out {out_dir} is a file, not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise RunExists(f"--out {out_dir} already holds files (a previous run?): pass --resume to continue it, "
+                            f"--overwrite to replace it, or choose another --out")
+        if not (out_dir / "config.json").is_file():
+            raise RunExists(f"--overwrite: {out_dir} does not look like an mlfast run directory (no config.json); "
+                            "refusing to delete it")
+        shutil.rmtree(out_dir)
+    return not out_dir.exists()
 
 
 # ----------------------------------------------------------------------------------------- fit
@@ -381,9 +347,10 @@ class FitResult:
     predictor: Predictor
     out_dir: Path | None = None
     history: list[dict] = field(default_factory=list)
+    already_finished: bool = False
 
     @property
-    def models(self) -> list[CTRModel]:
+    def models(self) -> list:
         return self.predictor.models
 
     @property
@@ -398,15 +365,17 @@ class FitResult:
 
 
 def fit(
-    train: str | Path | CTRData,
+    train: str | Path | CTRData | None,
     valid: str | Path | CTRData | None = None,
     test: str | Path | CTRData | None = None,
     *,
-    peers: str | Sequence[str] = ("deepfm", "dcn"),
+    peers: str | Sequence[str] | None = None,
     out: str | Path | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     reader: dict[str, Any] | None = None,
-    log: Callable = print,
+    log: Callable | None = None,
+    log_file: bool = False,
     **config: Any,
 ) -> FitResult:
     """Train peers mutually on ``train`` and report per-peer and ensemble AUC / logloss.
@@ -417,15 +386,115 @@ def fit(
     the training file is split 8:1:1 (seeded by ``seed``) into train / valid / test.
     ``regime="finetune"`` trains each peer alone first, then all mutually from those weights,
     and reports each peer's solo vs mutual metrics (``metrics["solo_vs_mutual"]``).
+
+    ``out``: the run directory; an existing one needs ``resume=True`` (continue it: its saved
+    configuration is the default, ``config`` given again must agree except `RESUME_MUTABLE`, e.g.
+    ``epochs`` to train a finished run longer) or ``overwrite=True``. ``log_file``: also write the
+    ``mlfast`` logger's messages to ``<out>/train.log``.
     """
-    specs = parse_peers(peers)
-    cfg = TrainConfig(peers=[str(s) for s in specs], **config)
+    with _RunLog(Path(out) if (out is not None and log_file) else None) as run_log:
+        return _fit(train, valid, test, peers=peers, out=out, resume=resume, overwrite=overwrite, reader=reader,
+                    log=log, run_log=run_log, **config)
+
+
+class _RunLog:
+    """Collects the ``mlfast`` logger's records from the start of `fit` and, once the run directory
+    exists, writes them (and every later one) to ``train.log`` there."""
+
+    def __init__(self, out_dir: Path | None):
+        self.out_dir = out_dir
+        self.buffer: list[logging.LogRecord] = []
+        self.file: logging.Handler | None = None
+        self.catch: logging.Handler | None = None
+
+    def __enter__(self) -> "_RunLog":
+        if self.out_dir is not None:
+            self.catch = _ListHandler(self.buffer)
+            logging.getLogger("mlfast").addHandler(self.catch)
+            logging.getLogger("mlfast").setLevel(min(logging.getLogger("mlfast").level or logging.INFO, logging.INFO))
+        return self
+
+    def start_file(self) -> None:
+        if self.out_dir is None or self.file is not None:
+            return
+        self.file = logging.FileHandler(self.out_dir / "train.log")
+        self.file.setLevel(logging.INFO)
+        self.file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        for r in self.buffer:
+            if r.levelno >= logging.INFO:
+                self.file.handle(r)
+        logging.getLogger("mlfast").addHandler(self.file)
+        logging.getLogger("mlfast").removeHandler(self.catch)
+        self.catch = None
+
+    def __exit__(self, *exc) -> None:
+        logger = logging.getLogger("mlfast")
+        if exc[0] is not None and self.file is not None:
+            logger.error("%s: %s", exc[0].__name__, exc[1])
+        for h in (self.catch, self.file):
+            if h is not None:
+                logger.removeHandler(h)
+                h.close()
+
+
+class _ListHandler(logging.Handler):
+    def __init__(self, records: list):
+        super().__init__(logging.DEBUG)
+        self.records = records
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def _fit(train, valid, test, *, peers, out, resume, overwrite, reader, log, run_log: _RunLog, **config) -> FitResult:
+    say = log or globals()["log"].info
     out_dir = Path(out) if out is not None else None
     if resume and out_dir is None:
         raise ValueError("resume needs the run directory (out=...)")
-    prep = prepare_data(train, valid, test, reader=reader, split_seed=cfg.seed)
-    s = Session(prep, cfg, log=log)
-    log(f"data: {prep.info['rows']} rows, {s.schema.num_fields} fields, {s.schema.table_rows:,} table rows; "
+    if out_dir is not None:
+        created = prepare_run_dir(out_dir, resume, overwrite)
+    else:
+        created = False
+    if resume and _saved_run(out_dir) is not None:
+        given = {"config": dict(config, **({"peers": [str(s) for s in parse_peers(peers)]} if peers else {})),
+                 "reader": {k: v for k, v in reader_options(**(reader or {})).items()
+                            if reader and k in reader},
+                 "data": {"train": None if isinstance(train, CTRData) else train,
+                          "valid": None if isinstance(valid, CTRData) else valid,
+                          "test": None if isinstance(test, CTRData) else test}}
+        cfg, ropts, paths, changed = resume_settings(out_dir, given)
+        specs = parse_peers(cfg.peers)
+        train = train if train is not None else paths["train"]
+        valid = valid if valid is not None else paths["valid"]
+        test = test if test is not None else paths["test"]
+        done = (out_dir / "finished.json").is_file() and (out_dir / "metrics.json").is_file()
+        if done and not _extends(out_dir, cfg):
+            say(f"the run in {out_dir} already finished ({_stopped(out_dir)}); nothing to do. Pass a larger "
+                f"--epochs to train it longer.")
+            metrics = json.loads((out_dir / "metrics.json").read_text())
+            return FitResult(metrics, Predictor.load(out_dir, cfg.device), out_dir, [], already_finished=True)
+        if changed:
+            say(f"resuming {out_dir} with changed settings: {', '.join(changed)}")
+        split_from_train = paths["valid"] is None
+    else:
+        if resume:
+            say(f"--resume: {out_dir} holds no run yet: starting from the beginning")
+            resume = False
+        specs = parse_peers(peers if peers is not None else TrainConfig().peers)
+        cfg = TrainConfig(peers=[str(s) for s in specs], **config)
+        ropts = reader_options(**(reader or {}))
+        split_from_train = valid is None
+    if train is None:
+        raise ValueError("no training data given")
+    try:
+        prep = prepare_data(train, valid if not split_from_train else None, test if not split_from_train else None,
+                            reader=ropts, split_seed=cfg.seed)
+        s = Session(prep, cfg, log=say)
+    except BaseException:
+        if created and out_dir is not None and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
+    say(f"data: {prep.info['rows']} rows, {s.schema.num_fields} fields, {s.schema.table_rows:,} table rows; "
         f"read in {prep.info['read_seconds']:.1f}s; batch size {s.batch_size}; device {s.device}")
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -434,11 +503,38 @@ def fit(
                                                   "data": prep.info})
         if prep.vocab is not None:
             prep.vocab.save(out_dir / "vocab.npz")
+        run_log.start_file()
+    try:
+        result = _train(s, specs, cfg, out_dir, resume, say)
+    except BaseException:
+        if created and out_dir is not None and not any(out_dir.rglob("last.pt")):
+            shutil.rmtree(out_dir, ignore_errors=True)  # nothing worth keeping: no checkpoint was written
+        raise
+    return result
+
+
+def _extends(out_dir: Path, cfg: TrainConfig) -> bool:
+    """Whether ``cfg`` asks a finished run for more training than it got."""
+    done = json.loads((out_dir / "finished.json").read_text())
+    if cfg.regime == "finetune":
+        return cfg.finetune_epochs > done.get("finetune_epochs", cfg.finetune_epochs)
+    return cfg.epochs > done.get("epochs", cfg.epochs)
+
+
+def _stopped(out_dir: Path) -> str:
+    done = json.loads((out_dir / "finished.json").read_text())
+    s = done.get("summary", {})
+    return f"stopped: {s.get('stopped', '?')} at step {s.get('steps', '?')}"
+
+
+def _train(s: Session, specs: list[PeerSpec], cfg: TrainConfig, out_dir: Path | None, resume: bool,
+           say: Callable) -> FitResult:
     metrics: dict[str, Any] = {"peers": [p.label for p in specs], "regime": cfg.regime, "batch_size": s.batch_size}
+    if out_dir is not None:
+        (out_dir / "finished.json").unlink(missing_ok=True)
     if cfg.regime == "joint":
         final, summary = s.train_group(specs, out_dir, resume=resume)
         metrics.update(s.evaluate(final), train=summary)
-        model_dir = out_dir
     else:
         solo_states, solo_metrics, solo_summaries, _ = s.pretrain(specs, out_dir, resume)
         model_dir = out_dir / "mutual" if out_dir is not None else None
@@ -450,18 +546,16 @@ def fit(
                        solo_vs_mutual={"split": split, "rows": rows})
     history = final.progress.history
     if out_dir is not None:
-        if model_dir != out_dir:
-            save_model(final, out_dir / MODEL_FILE, model_dir)
+        if cfg.regime != "joint":
+            ckpt.save_checkpoint(out_dir / MODEL_FILE, {"kind": "model", "state": final.group.snapshot(),
+                                                        **final._meta()})
         ckpt.write_json(out_dir / "metrics.json", metrics)
         write_curves_csv(history, out_dir / "curves.csv")
         plot_curves(history, [p.label for p in specs], out_dir / "curves.png",
                     title=f"{'+'.join(p.label for p in specs)} ({cfg.mutual}, alpha={cfg.alpha})")
-    log(metrics_table({"valid": metrics.get("valid"), "test": metrics.get("test")}))
-    if "solo_vs_mutual" in metrics:
-        log(f"\nsolo vs mutual ({metrics['solo_vs_mutual']['split']} split):")
-        log(solo_vs_mutual_table(metrics["solo_vs_mutual"]["rows"]))
-    predictor = Predictor(specs, s.schema, final.peer_states(), prep.reader, cfg.embedding_dim, cfg.use_dense,
-                          s.device, prep.vocab)
+        ckpt.write_json(out_dir / "finished.json", {"epochs": cfg.epochs, "finetune_epochs": cfg.finetune_epochs,
+                                                    "summary": metrics["train"]})
+    predictor = Predictor(final.group, s.prep.reader, cfg.use_dense, s.device, s.prep.vocab)
     return FitResult(metrics=metrics, predictor=predictor, out_dir=out_dir, history=list(history))
 
 

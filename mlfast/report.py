@@ -9,7 +9,7 @@ from typing import Any, Iterable, Sequence
 
 def _fmt(x: Any, digits: int = 4) -> str:
     if x is None:
-        return "-"
+        return "-"  # undefined (e.g. AUC on a split with one class)
     if isinstance(x, float):
         if math.isnan(x):
             return "nan"
@@ -106,3 +106,26 @@ def plot_curves(history: Sequence[dict], peers: Sequence[str], path: str | Path,
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+class TensorBoardScalars:
+    """Writes each history row's numbers as TensorBoard scalars (``torch.utils.tensorboard``) at its
+    step: training loss and per-peer BCE, validation AUC / logloss per peer, learning rate."""
+
+    def __init__(self, log_dir: str | Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:  # torch's writer needs the tensorboard package
+            raise ValueError("--tensorboard needs the tensorboard package: pip install 'mlfast[tensorboard]'") from exc
+        self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def __call__(self, row: dict) -> None:
+        step = int(row["step"])
+        for k, v in row.items():
+            if k in ("step", "epoch") or v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            self.writer.add_scalar(k.replace("_", "/", 1), float(v), step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()

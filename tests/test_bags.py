@@ -12,6 +12,7 @@ import torch
 from mlfast.io.batches import BatchLoader
 from mlfast.io.data import BagField, CTRData
 from mlfast.models import FeatureSchema, build_model, parse_peers
+from mlfast.train.group import PeerGroup
 from mlfast.io.vocab import Vocabulary
 
 
@@ -76,18 +77,21 @@ def test_batches_carry_each_rows_bags_once(np_rng, prefetch):
     assert sorted(seen) == list(range(53))
 
 
+@pytest.mark.parametrize("kind", ["fused", "dense"])
 @pytest.mark.parametrize("peer", ["lr", "fm", "deepfm", "dcn", "ipnn", "fibinet", "autoint"])
-def test_models_read_bags_as_mean_pooled_fields(np_rng, peer):
-    """forward(sparse, dense, bags) = forward_embedded(rows of the one-hot ids, then each bag's
-    mean row (zeros for an empty bag)), computed here row by row in plain Python."""
+def test_models_read_bags_as_mean_pooled_fields(np_rng, peer, kind):
+    """group(sparse, dense, bags) = model(rows of the one-hot ids, then each bag's mean row (zeros
+    for an empty bag)), the rows computed here one by one in plain Python, for both table kinds."""
     d, lists = bag_data(np_rng, n=6)
     schema = FeatureSchema.from_data(d)
     assert schema.num_bags == 2 and schema.num_fields == 5 and schema.num_onehot == 3
-    torch.manual_seed(0)
-    m = build_model(parse_peers(peer)[0], schema, 4).eval()
-    with torch.no_grad():
-        m.embedding.weight.normal_()
-    w = m.embedding.weight.detach()
+    g = PeerGroup.build(parse_peers(peer), schema, embedding_dim=4, seeds=[3], kind=kind).eval()
+    w = torch.from_numpy(np_rng.standard_normal((schema.table_rows, g.peers[0].embedding_width)).astype(np.float32))
+    if kind == "fused":
+        g.tables.set_peer_weight(0, w)
+    else:
+        with torch.no_grad():
+            g.tables.tables[0].copy_(w)
     emb = torch.zeros(6, 5, w.shape[1])
     for i in range(6):
         emb[i, :3] = w[torch.from_numpy(d.sparse[i])]
@@ -96,9 +100,9 @@ def test_models_read_bags_as_mean_pooled_fields(np_rng, peer):
                 emb[i, 3 + s] = w[torch.tensor(lists[s][i])].mean(0)
     b = next(iter(BatchLoader(d, 6, prefetch=0, use_dense=False)))
     with torch.no_grad():
-        torch.testing.assert_close(m(b.sparse, None, b.bags), m.forward_embedded(emb, None), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g(b.sparse, None, b.bags)[:, 0], g.peers[0](emb, None), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="2 bag fields"):
-        m(b.sparse, None)
+        g(b.sparse, None)
 
 
 def test_vocabulary_counts_every_bag_member(np_rng):

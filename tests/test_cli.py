@@ -46,9 +46,11 @@ def test_train_predict_eval_on_the_kaggle_sample(tmp_path, capsys):
     assert main(["predict", str(run), str(HEAD10K_TEST), "--out", str(preds)]) == 0
     with open(preds) as f:
         header = f.readline().strip().split(",")
-    assert header == ["deepfm", "dcn", "ensemble"]
+    assert header == ["row", "deepfm", "dcn", "ensemble"]
     p = np.loadtxt(preds, delimiter=",", skiprows=1)
-    assert p.shape == (10_000, 3)  # one row per input line, in input order
+    assert p.shape == (10_000, 4)  # one row per input line, in input order
+    assert (p[:, 0] == np.arange(10_000)).all()
+    p = p[:, 1:]
     assert ((p > 0) & (p < 1)).all()
     np.testing.assert_allclose(p[:, 2], p[:, :2].mean(1), atol=2e-6)
 
@@ -70,7 +72,7 @@ def test_train_predict_eval_on_the_kaggle_sample(tmp_path, capsys):
         (["train", "{data}", "--resume"], "--resume needs --out"),
         (["train", "{data}", "--finetune-epochs", "2"], "only apply with --regime finetune"),
         (["train", "{data}", "--regime", "finetune", "--peers", "deepfm"], "at least two peers"),
-        (["train", "{data}", "--epochs", "0"], "epochs=0"),
+        (["train", "{data}", "--epochs", "0"], "--epochs 0: expected an integer >= 1"),
         (["train", "{data}", "--hash-buckets", "12,x"], "--hash-buckets '12,x'"),
         (["predict", "/no/run", "{data}", "--out", "x.csv"], "run directory not found: /no/run"),
     ],

@@ -1,41 +1,63 @@
 """The fused engine against the plain one, step by step, on every backend (Triton under the
-interpreter on the CPU, compiled on CUDA)."""
+interpreter on the CPU, compiled on CUDA), and the engine protocol every engine follows."""
 from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from conftest import DEVICES, TRITON_CPU
+from mlfast.io.batches import Batch
+from mlfast.models import FeatureSchema, parse_peers
+from mlfast.ops.backends import select_backends
+from mlfast.train.baselines import TorchSparseEngine
 from mlfast.train.config import TrainConfig
-from mlfast.train.engine import FusedEngine, PlainEngine
-from mlfast.models import FeatureSchema, build_model, parse_peers
+from mlfast.train.engine import Engine, FusedEngine, PlainEngine, build_group, make_engine
+from mlfast.train.tables import DenseTables
 
 SCHEMA = FeatureSchema((0, 37, 60, 101))  # 3 fields, odd sizes
 PEERS = "deepfm:mlp=8-8,dropout=0,dcn:mlp=8,layers=2,dropout=0,lr"
+SEEDS = [11, 12, 13]
 
 
-def make_peers(device, seed=0):
-    torch.manual_seed(seed)
-    return nn.ModuleList([build_model(s, SCHEMA, 4) for s in parse_peers(PEERS)]).to(device)
+def engine_for(kind: str, device, cfg: TrainConfig, kernels: str = "auto", schema=SCHEMA, lr: float = 1e-2):
+    dev = torch.device(device)
+    backends = select_backends(kernels, dev, cfg.deterministic) if kind == "fused" else None
+    return make_engine(parse_peers(PEERS), schema, cfg, dev, SEEDS, lr=lr, engine=kind, backends=backends)
 
 
-def batches(device, n=3, B=19, seed=1):
+def batches(device, n=3, B=19, seed=1, ids_dtype=torch.int64):
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
-        ids = torch.stack([torch.randint(a, b, (B,), generator=g) for a, b in zip(SCHEMA.field_offsets, SCHEMA.field_offsets[1:])], 1)
+        ids = torch.stack([torch.randint(a, b, (B,), generator=g)
+                           for a, b in zip(SCHEMA.field_offsets, SCHEMA.field_offsets[1:])], 1)
         ids[0] = ids[1]  # repeated rows in a batch
-        out.append((ids.to(device), (torch.rand(B, generator=g) < 0.3).float().to(device)))
+        y = (torch.rand(B, generator=g) < 0.3).float()
+        out.append(Batch(sparse=ids.to(ids_dtype).to(device), dense=None, labels=y.to(device), index=torch.arange(B)))
     return out
 
 
-def state(engine):
-    return [engine.peer_state_dict(i) for i in range(engine.num_peers)]
+def tables_of(engine) -> list[torch.Tensor]:
+    t = engine.group.tables
+    if isinstance(t, DenseTables):
+        return [w.detach().cpu().clone() for w in t.tables]
+    return [t.peer_weight(p).cpu() for p in range(t.num_peers)]
 
 
-def backends_for(device: str) -> list[str]:
-    return ["triton"] if device == "cuda" else ["cpu", "reference"] + (["triton"] if TRITON_CPU else [])
+def dense_of(engine) -> list[dict]:
+    return engine.group.peer_states()
+
+
+def kernel_choices(device: str) -> list[str]:
+    return ["triton"] if device == "cuda" else ["numba", "reference"] + (["triton"] if TRITON_CPU else [])
+
+
+def test_every_engine_follows_the_protocol():
+    cfg = TrainConfig(peers=PEERS.split(","), progress=False)
+    for kind in ("fused", "plain"):
+        assert isinstance(engine_for(kind, "cpu", cfg), Engine)
+    group = build_group(parse_peers(PEERS), SCHEMA, cfg, torch.device("cpu"), SEEDS, engine="plain")
+    assert isinstance(TorchSparseEngine(group, cfg, torch.device("cpu"), 1e-3), Engine)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -43,19 +65,33 @@ def backends_for(device: str) -> list[str]:
 def test_fused_backends_agree_with_the_reference_backend(device, mutual):
     cfg = TrainConfig(peers=PEERS.split(","), sparse_optimizer="adam", embedding_l2=1e-3, mutual=mutual,
                       alpha=0.7, cuda_graph=False, progress=False)
-    dev = torch.device(device)
     results = {}
-    for backend in backends_for(device) + ["reference"]:
-        eng = FusedEngine(make_peers(dev), cfg, dev, 1e-2, backend=backend)
+    for kernels in kernel_choices(device) + ["reference"]:
+        eng = engine_for("fused", device, cfg, kernels)
         eng.set_alpha(0.7)
-        losses = [float(eng.train_step(ids, None, y)) for ids, y in batches(dev)]
-        results[backend] = (losses, state(eng))
-    ref_losses, ref_state = results["reference"]
-    for backend, (losses, st) in results.items():
-        assert losses == pytest.approx(ref_losses, rel=1e-5), backend
-        for a, b in zip(st, ref_state):
+        outs = [eng.train_step(b) for b in batches(device)]
+        assert all(o.shape == (4,) for o in outs)  # total loss, then each of the 3 peers' BCE
+        results[kernels] = ([float(o[0]) for o in outs], tables_of(eng), dense_of(eng))
+    ref_losses, ref_tables, ref_dense = results["reference"]
+    for kernels, (losses, tabs, dense) in results.items():
+        assert losses == pytest.approx(ref_losses, rel=1e-5), kernels
+        for a, b in zip(tabs, ref_tables):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=f"{kernels} table")
+        for a, b in zip(dense, ref_dense):
             for k in a:
-                torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=f"{backend} {k}")
+                torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=f"{kernels} {k}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_int32_ids_train_like_int64(device):
+    cfg = TrainConfig(peers=PEERS.split(","), cuda_graph=False, progress=False)
+    a, b = engine_for("fused", device, cfg), engine_for("fused", device, cfg)
+    for e, dt in ((a, torch.int64), (b, torch.int32)):
+        e.set_alpha(1.0)
+        for bt in batches(device, ids_dtype=dt):
+            e.train_step(bt)
+    for x, y in zip(tables_of(a), tables_of(b)):
+        assert torch.equal(x, y)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -63,30 +99,39 @@ def test_fused_first_step_matches_plain_engine(device):
     """Same init, same batch: the fused engine computes the same loss as the plain reference step,
     updates the dense layers identically (both Adam) and changes only the looked-up table rows."""
     cfg = TrainConfig(peers=PEERS.split(","), embedding_l2=0.0, cuda_graph=False, progress=False)
-    dev = torch.device(device)
-    plain = PlainEngine(make_peers(dev), cfg, dev, 1e-3)
-    fused = FusedEngine(make_peers(dev), cfg, dev, 1e-3)
-    before = state(fused)
-    (ids, y), = batches(dev, n=1)
+    plain, fused = engine_for("plain", device, cfg, lr=1e-3), engine_for("fused", device, cfg, lr=1e-3)
+    before = tables_of(fused)
+    for a, b in zip(before, tables_of(plain)):
+        assert torch.equal(a, b)  # both table kinds start from the same counter-based initialisation
+    (b0,) = batches(device, n=1)
     for e in (plain, fused):
         e.set_alpha(1.0)
-    lp, lf = plain.train_step(ids, None, y), fused.train_step(ids, None, y)
+    lp, lf = plain.train_step(b0), fused.train_step(b0)
     torch.testing.assert_close(lf, lp, rtol=1e-5, atol=1e-6)
-    touched = torch.zeros(SCHEMA.table_rows, dtype=torch.bool, device=dev)
-    touched[ids.reshape(-1)] = True
-    for i, (a, b, b0) in enumerate(zip(state(fused), state(plain), before)):
+    touched = torch.zeros(SCHEMA.table_rows, dtype=torch.bool)
+    touched[b0.sparse.reshape(-1).cpu()] = True
+    for a, b, a0 in zip(tables_of(fused), tables_of(plain), before):
+        assert torch.equal(a[~touched], a0[~touched])  # untouched rows
+        # first Adam step: both move each touched entry by ~lr * sign(g)
+        torch.testing.assert_close(a[touched], b[touched], rtol=0, atol=2e-5)
+    for a, b in zip(dense_of(fused), dense_of(plain)):
         for k in a:
-            if k == "embedding.weight":
-                assert torch.equal(a[k][~touched.cpu()], b0[k][~touched.cpu()])  # untouched rows
-                # first Adam step: both move each touched entry by ~lr * sign(g)
-                torch.testing.assert_close(a[k][touched.cpu()], b[k][touched.cpu()], rtol=0, atol=2e-5)
-            else:
-                torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7, msg=k)
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7, msg=k)
+    assert int(fused.group.tables.updated.sum()) == int(touched.sum()) == int(plain.group.tables.updated.sum())
+
+
+def test_one_learning_rate_for_dense_layers_and_tables():
+    cfg = TrainConfig(peers=PEERS.split(","), progress=False)
+    eng = engine_for("fused", "cpu", cfg)
+    eng.set_lr(0.25)
+    assert float(eng.group.tables.state.lr) == 0.25
+    assert all(float(g["lr"]) == 0.25 for g in eng.optimizer.param_groups)
+    assert eng.group.tables.state.lr.data_ptr() == eng.lr.data_ptr()  # the same tensor, not a copy
 
 
 # ---------------------------------------------------------------------------------------------
 # Multi-hot bag fields: the fused engine's one lookup (one-hot + pooled bags, one optimizer step)
-# against the plain models' F.embedding + F.embedding_bag
+# against the plain tables' F.embedding + F.embedding_bag
 
 BAG_SCHEMA = FeatureSchema((0, 37, 60, 101, 150, 171), num_bags=2)  # 3 one-hot fields, then 2 bags
 
@@ -101,51 +146,66 @@ def bag_batches(device, n=3, B=19, seed=1):
         for f in (3, 4):
             lengths = torch.randint(1, 5, (B,), generator=g)
             offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lengths, 0)])
-            bags.append((offsets.to(device), torch.randint(offs[f], offs[f + 1], (int(offsets[-1]),), generator=g).to(device)))
-        out.append((ids.to(device), tuple(bags), (torch.rand(B, generator=g) < 0.3).float().to(device)))
+            values = torch.randint(offs[f], offs[f + 1], (int(offsets[-1]),), generator=g)
+            bags.append((offsets.to(device), values.to(device)))
+        y = (torch.rand(B, generator=g) < 0.3).float()
+        out.append(Batch(sparse=ids.to(device), dense=None, labels=y.to(device), index=torch.arange(B),
+                         bags=tuple(bags)))
     return out
-
-
-def make_bag_peers(device, seed=0):
-    torch.manual_seed(seed)
-    return nn.ModuleList([build_model(s, BAG_SCHEMA, 4) for s in parse_peers(PEERS)]).to(device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_bag_fields_fused_backends_agree_and_first_step_matches_plain(device):
-    dev = torch.device(device)
     cfg = TrainConfig(peers=PEERS.split(","), sparse_optimizer="adam", embedding_l2=0.0, cuda_graph=False,
                       progress=False)
     results = {}
-    for backend in backends_for(device) + ["reference"]:
-        eng = FusedEngine(make_bag_peers(dev), cfg, dev, 1e-2, backend=backend)
+    for kernels in kernel_choices(device) + ["reference"]:
+        eng = engine_for("fused", device, cfg, kernels, schema=BAG_SCHEMA)
         eng.set_alpha(0.7)
-        losses = [float(eng.train_step(ids, None, y, bags)) for ids, bags, y in bag_batches(dev)]
-        assert eng.tables.step_count == 3
-        results[backend] = (losses, state(eng), eng)
-    ref_losses, ref_state, ref_eng = results["reference"]
-    for backend, (losses, st, _) in results.items():
-        assert losses == pytest.approx(ref_losses, rel=1e-5), backend
-        for a, b in zip(st, ref_state):
-            for k in a:
-                torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=f"{backend} {k}")
-    # predictions read the same rows as training did
-    ids, bags, _ = bag_batches(dev, n=1, seed=5)[0]
-    plain_peers = make_bag_peers(dev)
-    for i, m in enumerate(plain_peers):
-        m.load_state_dict(ref_eng.peer_state_dict(i))
-        m.eval()
-    ref_eng.train(False)
+        losses = [float(eng.train_step(b)[0]) for b in bag_batches(device)]
+        assert eng.group.tables.step_count == 3
+        results[kernels] = (losses, tables_of(eng), eng)
+    ref_losses, ref_tables, ref_eng = results["reference"]
+    for kernels, (losses, tabs, _) in results.items():
+        assert losses == pytest.approx(ref_losses, rel=1e-5), kernels
+        for a, b in zip(tabs, ref_tables):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=f"{kernels} table")
+    # predictions read the same rows as training did: the fused group against plain tables holding its weights
+    (b,) = bag_batches(device, n=1, seed=5)
+    plain = engine_for("plain", device, cfg, schema=BAG_SCHEMA)
     with torch.no_grad():
-        expected = torch.stack([m(ids, None, bags) for m in plain_peers], 1)
-    torch.testing.assert_close(ref_eng.predict_logits(ids, None, bags), expected, rtol=1e-5, atol=1e-6)
+        for p, w in enumerate(tables_of(ref_eng)):
+            plain.group.tables.tables[p].copy_(w.to(device))
+    for i, st in enumerate(ref_eng.group.peer_states()):
+        plain.group.peers[i].load_state_dict(st)
+    ref_eng.group.eval()
+    plain.group.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ref_eng.group(b.sparse, None, b.bags), plain.group(b.sparse, None, b.bags),
+                                   rtol=1e-5, atol=1e-6)
     # the first step of the plain engine computes the same loss
-    plain = PlainEngine(make_bag_peers(dev), cfg, dev, 1e-2)
-    fused = FusedEngine(make_bag_peers(dev), cfg, dev, 1e-2)
-    ids, bags, y = bag_batches(dev, n=1)[0]
+    plain = engine_for("plain", device, cfg, schema=BAG_SCHEMA)
+    fused = engine_for("fused", device, cfg, schema=BAG_SCHEMA)
+    (b,) = bag_batches(device, n=1)
     for e in (plain, fused):
         e.set_alpha(0.7)
-    torch.testing.assert_close(fused.train_step(ids, None, y, bags), plain.train_step(ids, None, y, bags),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused.train_step(b), plain.train_step(b), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="bag fields"):
-        plain.train_step(ids, None, y)
+        plain.train_step(Batch(sparse=b.sparse, dense=None, labels=b.labels, index=b.index))
+
+
+def test_guard_skips_a_bad_batch_without_touching_anything():
+    cfg = TrainConfig(peers=PEERS.split(","), progress=False)
+    for kind in ("fused", "plain"):
+        eng = engine_for(kind, "cpu", cfg)
+        eng.set_alpha(1.0)
+        before, dense = tables_of(eng), dense_of(eng)
+        (b,) = batches("cpu", n=1)
+        out = eng.train_step(b, guard=1e-9)  # every real BCE exceeds this: the batch is "bad"
+        assert out.shape == (4,)
+        for x, y in zip(tables_of(eng), before):
+            assert torch.equal(x, y), kind
+        for a, d in zip(dense_of(eng), dense):
+            for k in a:
+                if "running" not in k and "num_batches" not in k:  # BatchNorm statistics move in forward
+                    assert torch.equal(a[k], d[k]), (kind, k)

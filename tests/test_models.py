@@ -17,6 +17,7 @@ import torch
 from conftest import assert_close
 
 from mlfast.models import MODELS, FeatureSchema
+from mlfast.train.tables import DenseTables
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,7 +328,7 @@ def test_forward_matches_direct_formula(case, num_dense, gen, device):
     randomize_(model, gen)
     emb = torch.randn(B, F_, model.embedding_width, generator=gen)
     dense = torch.randn(B, num_dense, generator=gen) if num_dense else None
-    got = model.to(device).forward_embedded(emb.to(device), None if dense is None else dense.to(device))
+    got = model.to(device)(emb.to(device), None if dense is None else dense.to(device))
     # Options that only switch arithmetic (no parameter to read) are handed to the reference.
     reference = functools.partial(ref_autoint, scale=opts.get("scale", False)) if name == "autoint" else REFS[name]
     ref = torch.tensor([
@@ -359,6 +360,14 @@ def sample_ids(schema: FeatureSchema, B: int, gen: torch.Generator) -> torch.Ten
     return offs[:-1] + local
 
 
+def table_for(m, schema: FeatureSchema, gen: torch.Generator) -> DenseTables:
+    """The plain reference table of one model (the trainer's tables hold it otherwise)."""
+    t = DenseTables(schema.table_rows, [m.embedding_width], seeds=[int(torch.randint(0, 2**31, (), generator=gen))])
+    with torch.no_grad():
+        t.tables[0].normal_(0, 0.3, generator=gen)  # far from the 1e-4 init: every row matters
+    return t
+
+
 def test_registry_holds_the_ten_models():
     assert sorted(MODELS) == sorted(
         ["lr", "fm", "deepfm", "dcn", "dcnv2", "widedeep", "ipnn", "fibinet", "xdeepfm", "autoint"]
@@ -366,15 +375,17 @@ def test_registry_holds_the_ten_models():
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_embedding_width_and_table(name):
+def test_embedding_width_and_no_table(name):
     schema = make_schema(4, 0, rows_per_field=7)
     m = small_model(name, schema, D=5)
     expected = {"lr": 1}.get(name, 5 + (1 if m.uses_linear else 0))
     assert m.embedding_width == expected
-    assert tuple(m.embedding.weight.shape) == (28, expected)
+    # models read looked-up rows only: the trainer's tables own every embedding
+    assert not any(p.numel() >= 28 * expected and p.shape[0] == 28 for p in m.parameters())
+    assert not hasattr(m, "embedding")
     assert m.uses_linear == (name in ("lr", "fm", "deepfm", "widedeep", "xdeepfm", "fibinet"))
     with pytest.raises(ValueError, match=rf"\[B, F, {expected}\]"):
-        m.forward_embedded(torch.zeros(2, 4, expected + 1))
+        m(torch.zeros(2, 4, expected + 1))
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -383,19 +394,20 @@ def test_gradient_reaches_only_looked_up_rows(name, gen, device):
     m = small_model(name, schema).eval()
     randomize_(m, gen)
     m.to(device)
+    table = table_for(m, schema, gen).to(device)
     ids = sample_ids(schema, 5, gen).to(device)
     scale = torch.arange(1.0, 6.0, device=device)  # grad_output != 1
-    out = m(ids)
+    out = m(table(ids)[0])
     assert out.shape == (5,) and torch.isfinite(out).all()
     (out * scale).sum().backward()
-    g = m.embedding.weight.grad
+    g = table.tables[0].grad
     touched = torch.zeros(schema.table_rows, dtype=torch.bool, device=device)
     touched[ids.flatten()] = True
     assert (g[~touched] == 0).all()
     assert (g[touched].abs().sum(1) > 0).all()
     # The table's gradient is exactly the per-lookup gradient scattered back (duplicates summed).
-    emb = m.embedding(ids).detach().requires_grad_(True)
-    (m.forward_embedded(emb) * scale).sum().backward()
+    emb = table(ids)[0].detach().requires_grad_(True)
+    (m(emb) * scale).sum().backward()
     scattered = torch.zeros_like(g).index_add_(0, ids.flatten(), emb.grad.reshape(-1, g.shape[1]))
     torch.testing.assert_close(g, scattered, rtol=1e-6, atol=1e-9)
 
@@ -410,31 +422,30 @@ def test_every_parameter_reaches_the_logit(name, gen):
         for p in m.parameters():
             p.copy_(torch.rand(p.shape, generator=gen) * 0.5 + 0.05)
     emb = (torch.rand(3, 4, m.embedding_width, generator=gen) + 0.1).requires_grad_(True)
-    out = m.forward_embedded(emb, torch.rand(3, 2, generator=gen) + 0.1)
+    out = m(emb, torch.rand(3, 2, generator=gen) + 0.1)
     out.sum().backward()
     for pname, p in m.named_parameters():
-        if not pname.startswith("embedding."):  # the table is not used by forward_embedded
-            assert p.grad is not None and p.grad.abs().sum() > 0, pname
+        assert p.grad is not None and p.grad.abs().sum() > 0, pname
     assert (emb.grad.abs().sum(2) > 0).all()
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_forward_equals_forward_embedded_and_views(name, gen):
+def test_forward_reads_strided_rows(name, gen):
     schema = make_schema(3, 0)
     m = small_model(name, schema).eval()
     randomize_(m, gen)
     ids = sample_ids(schema, 4, gen)
     W = m.embedding_width
-    ref = m.forward_embedded(m.embedding(ids))
-    torch.testing.assert_close(m(ids), ref, rtol=0, atol=0)
+    rows = table_for(m, schema, gen)(ids)[0].detach()
+    ref = m(rows)
     # Rows sliced out of a wider multi-peer lookup, and a transposed layout: both non-contiguous.
     wide = torch.randn(4, 3, W + 5, generator=gen)
-    wide[..., 2:2 + W] = m.embedding(ids).detach()
+    wide[..., 2:2 + W] = rows
     sliced = wide[..., 2:2 + W]
-    fields_first = m.embedding(ids).detach().transpose(0, 1).contiguous().transpose(0, 1)
+    fields_first = rows.transpose(0, 1).contiguous().transpose(0, 1)
     assert not sliced.is_contiguous() and not fields_first.is_contiguous()
-    torch.testing.assert_close(m.forward_embedded(sliced), ref, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(m.forward_embedded(fields_first), ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(m(sliced), ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(m(fields_first), ref, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -442,7 +453,7 @@ def test_dense_features(name, gen):
     schema = make_schema(3, num_dense=2)
     m = small_model(name, schema).eval()
     randomize_(m, gen)
-    ids = sample_ids(schema, 4, gen)
+    ids = table_for(m, schema, gen)(sample_ids(schema, 4, gen))[0].detach()
     dense = torch.randn(4, 2, generator=gen)
     out = m(ids, dense)
     assert out.shape == (4,) and torch.isfinite(out).all()
@@ -464,8 +475,8 @@ def test_train_mode_batch_and_dtype(name, gen, seed):
     torch.manual_seed(seed)
     schema = make_schema(4, 1)
     m = small_model(name, schema).train().double()
-    ids = sample_ids(schema, 6, gen)
-    out = m(ids, torch.randn(6, 1, dtype=torch.float64, generator=gen))
+    emb = torch.randn(6, 4, m.embedding_width, dtype=torch.float64, generator=gen)
+    out = m(emb, torch.randn(6, 1, dtype=torch.float64, generator=gen))
     assert out.shape == (6,) and out.dtype == torch.float64 and torch.isfinite(out).all()
 
 
@@ -473,13 +484,14 @@ def test_parameter_counts_follow_the_architecture():
     # 3 fields x 10 rows, D = 4, no dense: x0 width 12.
     schema = make_schema(3, 0, rows_per_field=10)
 
-    def n_params(m, table: bool = False) -> int:
-        return sum(p.numel() for n, p in m.named_parameters() if table or not n.startswith("embedding."))
+    def n_params(m) -> int:
+        return sum(p.numel() for p in m.parameters())
 
     mlp = (8, 6)
     mlp_params = (12 * 8 + 2 * 8) + (8 * 6 + 2 * 6)  # Linear (no bias before BN) + BN affine per layer
-    assert n_params(MODELS["lr"](schema), table=True) == 30 + 1
-    assert n_params(MODELS["fm"](schema, embedding_dim=4), table=True) == 30 * 5 + 1
+    # the tables (30 rows x embedding_width) are the trainer's: a model holds only its dense layers
+    assert n_params(MODELS["lr"](schema)) == 1 and MODELS["lr"](schema).embedding_width == 1
+    assert n_params(MODELS["fm"](schema, embedding_dim=4)) == 1 and MODELS["fm"](schema, 4).embedding_width == 5
     assert n_params(MODELS["deepfm"](schema, 4, mlp=mlp)) == 1 + mlp_params + 6 + 1
     assert n_params(MODELS["dcn"](schema, 4, layers=3, mlp=mlp)) == 3 * 2 * 12 + mlp_params + (12 + 6) + 1
     assert n_params(MODELS["dcnv2"](schema, 4, layers=2, mlp=mlp)) == 2 * (144 + 12) + mlp_params + 19

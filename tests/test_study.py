@@ -90,7 +90,7 @@ def test_generic_delimited_log_through_the_cli(tmp_path, monkeypatch):
     assert cfg["schema"]["field_names"] == cats.split(",") and cfg["schema"]["num_dense"] == 1
     assert cfg["reader"]["schema"]["label"] == "clk"
     assert main(["predict", str(run), str(TAOBAO / "test_sample.csv"), "--out", str(tmp_path / "p.csv")]) == 0
-    p = np.loadtxt(tmp_path / "p.csv", delimiter=",", skiprows=1)
+    p = np.loadtxt(tmp_path / "p.csv", delimiter=",", skiprows=1)[:, 1:]  # after the row column
     assert p.shape == (100, 3) and ((p > 0) & (p < 1)).all()
 
 
@@ -110,7 +110,7 @@ def test_sequence_column_end_to_end_through_the_cli(tmp_path, monkeypatch, vocab
     assert cfg["schema"]["field_names"] == cats.split(",") + ["click_sequence"] and cfg["schema"]["num_bags"] == 1
     assert cfg["reader"]["schema"]["sequence"] == ["click_sequence"]
     assert main(["predict", str(run), str(TAOBAO / "test_sample.csv"), "--out", str(tmp_path / "p.csv")]) == 0
-    p = np.loadtxt(tmp_path / "p.csv", delimiter=",", skiprows=1)
+    p = np.loadtxt(tmp_path / "p.csv", delimiter=",", skiprows=1)[:, 1:]  # after the row column
     assert p.shape == (100, 3) and ((p > 0) & (p < 1)).all()
     from mlfast.api import load_run
 

@@ -138,7 +138,7 @@ class Batch:
     """One batch in the layout the models read. ``index`` stays on the host (bookkeeping for
     putting predictions back in source order); the other tensors are on the loader's device."""
 
-    sparse: torch.Tensor  # [B, F] int64 global row ids
+    sparse: torch.Tensor  # [B, F] global row ids (int64, or int32 with ids_dtype=torch.int32)
     dense: torch.Tensor | None  # [B, Dd] float32, None with use_dense=False or no dense columns
     labels: torch.Tensor | None  # [B] float32, None for unlabeled data
     index: torch.Tensor  # [B] int64 source rows
@@ -187,6 +187,8 @@ class BatchLoader:
         device: str | torch.device | None = None,
         prefetch: int = 2,
         use_dense: bool = True,
+        min_last: int = 1,
+        ids_dtype: torch.dtype = torch.int64,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -208,6 +210,14 @@ class BatchLoader:
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
         self.drop_last = bool(drop_last)
+        # A last batch smaller than this is left out of the epoch (training with BatchNorm: a batch of
+        # one row cannot be normalised). With shuffling it is a different row each epoch.
+        self.min_last = max(1, int(min_last))
+        if ids_dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"ids_dtype must be torch.int64 or torch.int32, got {ids_dtype}")
+        if ids_dtype == torch.int32 and int(data.field_offsets[-1]) >= 2**31:
+            raise ValueError(f"int32 ids cannot index a table of {int(data.field_offsets[-1])} rows (>= 2^31)")
+        self.ids_dtype = ids_dtype
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         if self.device.type == "cuda":
             if not torch.cuda.is_available():
@@ -220,7 +230,12 @@ class BatchLoader:
 
     def __len__(self) -> int:
         n = len(self.indices)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        full, rest = divmod(n, self.batch_size)
+        return full + (1 if rest and not self.drop_last and rest >= self.min_last else 0)
+
+    @property
+    def _ids_np(self):
+        return np.int32 if self.ids_dtype == torch.int32 else np.int64
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch ``iter(loader)`` runs next."""
@@ -280,7 +295,7 @@ class BatchLoader:
     def _gather(self, rows: np.ndarray, host: Batch | None) -> Batch:
         d = self.data
         if host is None:  # CPU: fresh arrays, handed over as tensors without another copy
-            sparse = gather_rows(d.sparse, rows)
+            sparse = gather_rows(d.sparse, rows, np.empty((len(rows), d.sparse.shape[1]), self._ids_np))
             dense = gather_rows(d.dense, rows) if self.use_dense else None
             labels = gather_rows(d.labels, rows) if d.labels is not None else None
             return Batch(
@@ -369,7 +384,7 @@ class _PinnedRing:
         d, bs = loader.data, loader.batch_size
         self.bufs = [
             Batch(
-                sparse=torch.empty((bs, d.sparse.shape[1]), dtype=torch.int64).pin_memory(),
+                sparse=torch.empty((bs, d.sparse.shape[1]), dtype=loader.ids_dtype).pin_memory(),
                 dense=torch.empty((bs, d.num_dense), dtype=torch.float32).pin_memory() if loader.use_dense else None,
                 labels=torch.empty(bs, dtype=torch.float32).pin_memory() if d.labels is not None else None,
                 index=torch.empty(0, dtype=torch.int64),

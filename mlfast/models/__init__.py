@@ -13,7 +13,6 @@ from mlfast.models.base import (
     MODELS,
     CTRModel,
     FeatureSchema,
-    FlatEmbedding,
     PeerSpec,
     build_model,
     canonical_name,
@@ -33,7 +32,7 @@ from mlfast.models.wide_deep import WideDeep
 from mlfast.models.xdeepfm import XDeepFM
 
 __all__ = [
-    "ALIASES", "MODELS", "CTRModel", "FeatureSchema", "FlatEmbedding", "PeerSpec", "build_model",
+    "ALIASES", "MODELS", "CTRModel", "FeatureSchema", "PeerSpec", "build_model",
     "canonical_name", "parse_peer", "parse_peers", "register",
     "AutoInt", "DCN", "DCNv2", "DeepFM", "FiBiNET", "FM", "IPNN", "LR", "WideDeep", "XDeepFM",
 ]

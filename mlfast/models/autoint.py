@@ -19,7 +19,7 @@ class AutoInt(CTRModel):
     Example::
 
         >>> m = AutoInt(FeatureSchema((0, 5, 9)), embedding_dim=4, mlp=(8,)).eval()
-        >>> m(torch.tensor([[1, 6], [0, 8]])).shape
+        >>> m(torch.randn(2, 2, m.embedding_width)).shape   # rows looked up for 2 samples x 2 fields
         torch.Size([2])
     """
 
@@ -56,7 +56,7 @@ class AutoInt(CTRModel):
         in_dim = schema.num_fields * embedding_dim + schema.num_dense
         self.mlp = MLP(in_dim, mlp, output_dim=1, dropout=dropout, batch_norm=batch_norm)
 
-    def forward_embedded(self, emb: torch.Tensor, dense: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, emb: torch.Tensor, dense: torch.Tensor | None = None) -> torch.Tensor:
         v, _ = self.split_embedded(emb)
         attn = self.fc(self.attention(v).flatten(1)).squeeze(1)
         return attn + self.mlp(concat_dense(v.flatten(1), self.dense_input(dense))).squeeze(1)

@@ -1,10 +1,10 @@
-"""What every peer model is: a pure ``nn.Module`` from sparse ids (+ dense) to one logit.
+"""What every peer model is: a pure ``nn.Module`` from looked-up embedding rows (+ dense) to one logit.
 
-A model owns ONE flat embedding table [V, W] over all fields (the reader's global ids index it
-directly: one lookup, no per-field loop). ``W`` is ``embedding_dim`` plus one extra column when the
-model has a first-order (linear) term: that column is the per-feature linear weight, so a single
-lookup serves both. ``forward(sparse, dense)`` = ``forward_embedded(embedding(sparse), dense)``; the
-fused GPU path calls ``forward_embedded`` with rows it looked up itself for all peers at once.
+A model never owns an embedding table: the trainer's ``mlfast.train.tables.PeerTables`` holds every
+peer's table in one buffer and looks up all fields of all peers at once. ``forward(emb, dense)``
+reads the rows ``emb`` [B, F, W] of its own table, one per field (a multi-hot field arrives already
+pooled). ``W`` (``embedding_width``) is ``embedding_dim`` plus one extra column when the model has a
+first-order (linear) term: that column is the per-feature linear weight, so one lookup serves both.
 
 Models never touch devices, optimizers or precision: the trainer owns those.
 """
@@ -21,9 +21,6 @@ from typing import Any, Callable, ClassVar, Sequence
 import numpy as np
 import torch
 from torch import nn
-
-EMBEDDING_INIT_STD = 1e-4  # FuxiCTR's default embedding initialiser: N(0, 1e-4)
-
 
 @dataclass(frozen=True)
 class FeatureSchema:
@@ -78,28 +75,9 @@ class FeatureSchema:
         return cls(tuple(d["field_offsets"]), tuple(d["field_names"]), int(d["num_dense"]), int(d.get("num_bags", 0)))
 
 
-class FlatEmbedding(nn.Module):
-    """One [V, W] table for all fields: global ids [B, F] -> rows [B, F, W] in one gather."""
-
-    def __init__(self, num_rows: int, width: int, init_std: float = EMBEDDING_INIT_STD):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_rows, width))
-        nn.init.normal_(self.weight, std=init_std)
-        self.sparse_grad = False  # True: a sparse COO gradient (for torch's SparseAdam baseline)
-
-    def forward(self, sparse: torch.Tensor, bags: Sequence[tuple[torch.Tensor, torch.Tensor]] = ()) -> torch.Tensor:
-        """Rows [B, F + S, W]: one per one-hot id, then each bag's mean row (``offsets`` [B+1])."""
-        emb = torch.nn.functional.embedding(sparse, self.weight, sparse=self.sparse_grad)
-        if not bags:
-            return emb
-        pooled = [torch.nn.functional.embedding_bag(values, self.weight, offsets, mode="mean", sparse=self.sparse_grad,
-                                                    include_last_offset=True) for offsets, values in bags]
-        return torch.cat([emb, torch.stack(pooled, 1)], 1)
-
-
 class CTRModel(nn.Module):
     """Base class of the model zoo. Subclasses set ``name``/``uses_linear`` and implement
-    ``forward_embedded``; ``__init__`` keyword arguments are the per-peer options (``dcn:layers=4``)."""
+    ``forward(emb, dense)``; ``__init__`` keyword arguments are the per-peer options (``dcn:layers=4``)."""
 
     name: ClassVar[str] = ""
     uses_linear: ClassVar[bool] = False  # the table gets one extra column: first-order weights
@@ -113,22 +91,14 @@ class CTRModel(nn.Module):
             raise ValueError(f"embedding_dim must be >= 1, got {embedding_dim}")
         self.schema = schema
         self.embedding_dim = int(embedding_dim)
-        self.embedding = FlatEmbedding(schema.table_rows, self.embedding_width)
 
     @property
     def embedding_width(self) -> int:
         return (self.embedding_dim if self.uses_vectors else 0) + (1 if self.uses_linear else 0)
 
-    def forward(self, sparse: torch.Tensor, dense: torch.Tensor | None = None,
-                bags: Sequence[tuple[torch.Tensor, torch.Tensor]] = ()) -> torch.Tensor:
-        """Logits [B] for global ids ``sparse`` [B, F] (and ``dense`` [B, num_dense], and one
-        ``(offsets [B+1], ids)`` pair per bag field of the schema)."""
-        if len(bags) != self.schema.num_bags:
-            raise ValueError(f"{self.name}: the schema has {self.schema.num_bags} bag fields, got {len(bags)}")
-        return self.forward_embedded(self.embedding(sparse, bags), dense)
-
-    def forward_embedded(self, emb: torch.Tensor, dense: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [B] from looked-up rows ``emb`` [B, F, W] (W = ``embedding_width``)."""
+    def forward(self, emb: torch.Tensor, dense: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B] from looked-up rows ``emb`` [B, F, W] (W = ``embedding_width``; one row per
+        field of the schema, bag fields pooled) and ``dense`` [B, num_dense] when the schema has it."""
         raise NotImplementedError
 
     def split_embedded(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -344,7 +314,7 @@ def build_model(spec: PeerSpec | str, schema: FeatureSchema, embedding_dim: int 
 
         >>> from mlfast.models import FeatureSchema, build_model
         >>> m = build_model("deepfm:mlp=32-32", FeatureSchema((0, 10, 25, 40)), embedding_dim=8)
-        >>> m(torch.tensor([[1, 12, 30], [0, 11, 39]])).shape
+        >>> m.eval()(torch.randn(2, 3, m.embedding_width)).shape   # 2 samples x 3 fields, 8 + 1 columns
         torch.Size([2])
     """
     spec = parse_peer(spec) if isinstance(spec, str) else _checked(spec)

@@ -16,7 +16,7 @@ class DCN(CTRModel):
     Example::
 
         >>> m = DCN(FeatureSchema((0, 5, 9)), embedding_dim=4, layers=2, mlp=(8,)).eval()
-        >>> m(torch.tensor([[1, 6], [0, 8]])).shape
+        >>> m(torch.randn(2, 2, m.embedding_width)).shape   # rows looked up for 2 samples x 2 fields
         torch.Size([2])
     """
 
@@ -39,7 +39,7 @@ class DCN(CTRModel):
         self.mlp = MLP(in_dim, mlp, output_dim=None, dropout=dropout, batch_norm=batch_norm) if mlp else None
         self.fc = linear(in_dim + (self.mlp.output_dim if self.mlp is not None else 0), 1)
 
-    def forward_embedded(self, emb: torch.Tensor, dense: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, emb: torch.Tensor, dense: torch.Tensor | None = None) -> torch.Tensor:
         v, _ = self.split_embedded(emb)
         x0 = concat_dense(v.flatten(1), self.dense_input(dense))
         out = self.cross(x0)

@@ -28,7 +28,7 @@ class DCNv2(CTRModel):
 
         >>> m = DCNv2(FeatureSchema((0, 5, 9)), embedding_dim=4, mlp=(8,), low_rank_mixture=True,
         ...           low_rank=2, experts=2).eval()
-        >>> m(torch.tensor([[1, 6], [0, 8]])).shape
+        >>> m(torch.randn(2, 2, m.embedding_width)).shape   # rows looked up for 2 samples x 2 fields
         torch.Size([2])
     """
 
@@ -72,7 +72,7 @@ class DCNv2(CTRModel):
         }[structure]
         self.fc = linear(fc_dim, 1)
 
-    def forward_embedded(self, emb: torch.Tensor, dense: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, emb: torch.Tensor, dense: torch.Tensor | None = None) -> torch.Tensor:
         v, _ = self.split_embedded(emb)
         x0 = concat_dense(v.flatten(1), self.dense_input(dense))
         c = self.cross(x0)

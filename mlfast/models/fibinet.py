@@ -17,7 +17,7 @@ class FiBiNET(CTRModel):
     Example::
 
         >>> m = FiBiNET(FeatureSchema((0, 5, 9, 12)), embedding_dim=4, mlp=(8,)).eval()
-        >>> m(torch.tensor([[1, 6, 10]])).shape
+        >>> m(torch.randn(1, 3, m.embedding_width)).shape   # rows looked up for 1 sample x 3 fields
         torch.Size([1])
     """
 
@@ -48,7 +48,7 @@ class FiBiNET(CTRModel):
         in_dim = Fn * (Fn - 1) * embedding_dim + schema.num_dense
         self.mlp = MLP(in_dim, mlp, output_dim=1, dropout=dropout, batch_norm=batch_norm)
 
-    def forward_embedded(self, emb: torch.Tensor, dense: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, emb: torch.Tensor, dense: torch.Tensor | None = None) -> torch.Tensor:
         v, w = self.split_embedded(emb)
         pq = torch.cat([self.bilinear_p(v).flatten(1), self.bilinear_q(self.senet(v)).flatten(1)], dim=1)
         return self.linear(w) + self.mlp(concat_dense(pq, self.dense_input(dense))).squeeze(1)

@@ -14,7 +14,7 @@ class FM(CTRModel):
     Example::
 
         >>> m = FM(FeatureSchema((0, 5, 9)), embedding_dim=4)
-        >>> m(torch.tensor([[1, 6], [0, 8]])).shape
+        >>> m(torch.randn(2, 2, m.embedding_width)).shape   # rows looked up for 2 samples x 2 fields
         torch.Size([2])
     """
 
@@ -25,6 +25,6 @@ class FM(CTRModel):
         super().__init__(schema, embedding_dim)
         self.linear = LinearTerm(schema.num_dense)
 
-    def forward_embedded(self, emb: torch.Tensor, dense: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, emb: torch.Tensor, dense: torch.Tensor | None = None) -> torch.Tensor:
         v, w = self.split_embedded(emb)
         return self.linear(w, self.dense_input(dense)) + fm_interaction(v)

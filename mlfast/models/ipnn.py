@@ -14,7 +14,7 @@ class IPNN(CTRModel):
     Example::
 
         >>> m = IPNN(FeatureSchema((0, 5, 9, 12)), embedding_dim=4, mlp=(8,)).eval()
-        >>> m(torch.tensor([[1, 6, 10]])).shape
+        >>> m(torch.randn(1, 3, m.embedding_width)).shape   # rows looked up for 1 sample x 3 fields
         torch.Size([1])
     """
 
@@ -33,7 +33,7 @@ class IPNN(CTRModel):
         in_dim = schema.num_fields * embedding_dim + self.product.num_pairs + schema.num_dense
         self.mlp = MLP(in_dim, mlp, output_dim=1, dropout=dropout, batch_norm=batch_norm)
 
-    def forward_embedded(self, emb: torch.Tensor, dense: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, emb: torch.Tensor, dense: torch.Tensor | None = None) -> torch.Tensor:
         v, _ = self.split_embedded(emb)
         x = torch.cat([v.flatten(1), self.product(v)], dim=1)
         return self.mlp(concat_dense(x, self.dense_input(dense))).squeeze(1)

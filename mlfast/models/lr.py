@@ -16,7 +16,7 @@ class LR(CTRModel):
     Example::
 
         >>> m = LR(FeatureSchema((0, 5, 9)))
-        >>> m(torch.tensor([[1, 6], [0, 8]])).shape
+        >>> m(torch.randn(2, 2, m.embedding_width)).shape   # rows looked up for 2 samples x 2 fields
         torch.Size([2])
     """
 
@@ -28,6 +28,6 @@ class LR(CTRModel):
         super().__init__(schema, embedding_dim)
         self.linear = LinearTerm(schema.num_dense)
 
-    def forward_embedded(self, emb: torch.Tensor, dense: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, emb: torch.Tensor, dense: torch.Tensor | None = None) -> torch.Tensor:
         _, w = self.split_embedded(emb)
         return self.linear(w, self.dense_input(dense))

@@ -36,7 +36,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from mlfast.ops.sparse_optim import SparseOptimConfig, SparseOptimState
+from mlfast.ops.sparse_optim import SparseOptimConfig, SparseOptimState, check_segments, packed_offsets
 
 _KIND_IDS = {"sgd": 0, "adagrad": 1, "adam": 2}
 _ROW_BLOCK_SHIFT = 4  # rows are dealt to threads in blocks of 2**4
@@ -103,7 +103,7 @@ def _id_bounds(ids):
 
 
 @njit(parallel=True, cache=True)
-def _sparse_update_kernel(weight, ids, grads, width, exp_avg, exp_avg_sq, sum_sq, seg_widths,
+def _sparse_update_kernel(weight, ids, grads, width, exp_avg, exp_avg_sq, sum_sq, seg_widths, seg_offsets,
                           kind, lr, beta1, beta2, eps, weight_decay, step_size,
                           slot, uniq, first, last, nxt, n_chunks):
     # weight / exp_avg / exp_avg_sq / grads are flat row-major views; unused state arrays are
@@ -169,9 +169,9 @@ def _sparse_update_kernel(weight, ids, grads, width, exp_avg, exp_avg_sq, sum_sq
                     w[d] -= lr * g[d]
             elif kind == 1:  # row-wise adagrad: one accumulator per row and segment
                 s0 = row_offset(r, S)
-                col = 0
                 for k in range(S):
                     wk = seg_widths[k]
+                    col = seg_offsets[k]
                     gk, ws = g[col:col + wk], w[col:col + wk]
                     sq = np.float32(0.0)
                     for d in range(wk):
@@ -181,7 +181,6 @@ def _sparse_update_kernel(weight, ids, grads, width, exp_avg, exp_avg_sq, sum_sq
                     denom = np.sqrt(acc_k) + eps
                     for d in range(wk):
                         ws[d] -= lr * gk[d] / denom
-                    col += wk
             else:  # lazy adam
                 m_row, v_row = exp_avg[w0:w0 + width], exp_avg_sq[w0:w0 + width]
                 for d in range(width):
@@ -263,8 +262,8 @@ def sparse_update(
                          f"{'' if weight.is_contiguous() else ' (not contiguous)'}")
     V, W = weight.shape
     segs = tuple(state.segments) or (W,)
-    if sum(segs) != W:
-        raise ValueError(f"state segments {segs} do not add up to the table width {W}")
+    offs = state.col_offsets if state.col_offsets is not None else packed_offsets(segs)
+    check_segments(segs, state.col_offsets, W)
     kind = _KIND_IDS[cfg.kind]
     exp_avg = exp_avg_sq = sum_sq = _EMPTY
     if cfg.kind == "adam":
@@ -292,7 +291,7 @@ def sparse_update(
     f32 = np.float32
     _sparse_update_kernel(
         weight.numpy().reshape(-1), ids_np, grads_np, W, exp_avg, exp_avg_sq, sum_sq,
-        np.asarray(segs, np.int64), kind, f32(cfg.lr), f32(cfg.beta1), f32(cfg.beta2), f32(cfg.eps),
+        np.asarray(segs, np.int64), np.asarray(offs, np.int64), kind, f32(cfg.lr), f32(cfg.beta1), f32(cfg.beta2), f32(cfg.eps),
         f32(cfg.weight_decay), f32(step_size), slot, uniq, first, last, nxt, n_chunks)
 
 

@@ -47,21 +47,27 @@ class SparseOptimConfig:
 
 @dataclass
 class SparseOptimState:
-    """Optimizer state of one table. ``step`` counts updates (t of the first update is 1)."""
+    """Optimizer state of one table. ``step`` counts updates (t of the first update is 1).
+
+    ``segments`` are the peers' widths and ``col_offsets`` their first columns in the row (None:
+    packed side by side from column 0). Columns in no segment are padding (rows aligned to 16
+    bytes): never read or written by an update."""
 
     step: int = 0
     sum_sq: torch.Tensor | None = None  # adagrad: [V, num_segments]
     exp_avg: torch.Tensor | None = None  # adam: [V, W]
     exp_avg_sq: torch.Tensor | None = None  # adam: [V, W]
     segments: tuple[int, ...] = field(default_factory=tuple)
+    col_offsets: tuple[int, ...] | None = None
 
     @classmethod
-    def create(cls, weight: torch.Tensor, cfg: SparseOptimConfig, segments: Sequence[int] | None = None):
+    def create(cls, weight: torch.Tensor, cfg: SparseOptimConfig, segments: Sequence[int] | None = None,
+               col_offsets: Sequence[int] | None = None):
         V, W = weight.shape
         segs = tuple(segments) if segments else (W,)
-        if sum(segs) != W:
-            raise ValueError(f"segments {segs} do not add up to the table width {W}")
-        st = cls(segments=segs)
+        offs = tuple(col_offsets) if col_offsets is not None else None
+        check_segments(segs, offs, W)
+        st = cls(segments=segs, col_offsets=offs)
         if cfg.kind == "adagrad":
             st.sum_sq = torch.zeros(V, len(segs), dtype=torch.float32, device=weight.device)
         elif cfg.kind == "adam":
@@ -71,11 +77,13 @@ class SparseOptimState:
 
     def state_dict(self) -> dict:
         return {"step": self.step, "sum_sq": self.sum_sq, "exp_avg": self.exp_avg,
-                "exp_avg_sq": self.exp_avg_sq, "segments": list(self.segments)}
+                "exp_avg_sq": self.exp_avg_sq, "segments": list(self.segments),
+                "col_offsets": None if self.col_offsets is None else list(self.col_offsets)}
 
     def load_state_dict(self, d: dict) -> None:
         self.step = int(d["step"])
         self.segments = tuple(d["segments"])
+        self.col_offsets = tuple(d["col_offsets"]) if d.get("col_offsets") is not None else None
         for k in ("sum_sq", "exp_avg", "exp_avg_sq"):
             cur, new = getattr(self, k), d[k]
             if new is None:
@@ -86,11 +94,41 @@ class SparseOptimState:
                 cur.copy_(new)
 
 
+def packed_offsets(segments: Sequence[int]) -> tuple[int, ...]:
+    """First column of each segment when they are packed side by side from column 0."""
+    out, acc = [], 0
+    for w in segments:
+        out.append(acc)
+        acc += int(w)
+    return tuple(out)
+
+
+def check_segments(segments: Sequence[int], col_offsets: Sequence[int] | None, width: int) -> None:
+    """ValueError unless the segments lie inside a row of ``width`` columns, in order, without overlap."""
+    segs = tuple(int(s) for s in segments)
+    offs = packed_offsets(segs) if col_offsets is None else tuple(int(o) for o in col_offsets)
+    if not segs or any(s < 1 for s in segs) or len(offs) != len(segs):
+        raise ValueError(f"segments {segs} / column offsets {offs}: expected one positive width per offset")
+    end = 0
+    for o, s in zip(offs, segs):
+        if o < end:
+            raise ValueError(f"segments {segs} at column offsets {offs} overlap or are out of order")
+        end = o + s
+    if (col_offsets is None and end != width) or end > width:
+        raise ValueError(f"segments {segs} at column offsets {offs} do not fit the table width {width}")
+
+
 def segment_index(segments: Sequence[int], device=None) -> torch.Tensor:
-    """[W] long: the segment each column belongs to."""
+    """[sum(segments)] long: the segment each (non-padding) column belongs to."""
     return torch.repeat_interleave(
         torch.arange(len(segments), device=device), torch.tensor(list(segments), device=device)
     )
+
+
+def segment_columns(segments: Sequence[int], col_offsets: Sequence[int] | None = None, device=None) -> torch.Tensor:
+    """[sum(segments)] long: the columns that belong to a segment, in order (padding left out)."""
+    offs = packed_offsets(segments) if col_offsets is None else col_offsets
+    return torch.cat([torch.arange(o, o + w, device=device) for o, w in zip(offs, segments)])
 
 
 @torch.no_grad()
@@ -101,17 +139,20 @@ def sparse_update_reference(
     state: SparseOptimState,
     cfg: SparseOptimConfig,
 ) -> None:
-    """Apply one sparse optimizer step in place (plain PyTorch; the reference for the kernels)."""
+    """Apply one sparse optimizer step in place (plain PyTorch; the reference for the kernels).
+
+    ``grads`` [N, W] holds each lookup's gradient over the whole row (padding columns ignored)."""
     if ids.ndim != 1 or grads.shape != (ids.shape[0], weight.shape[1]):
         raise ValueError(f"ids [N] and grads [N, W={weight.shape[1]}] expected, "
                          f"got {tuple(ids.shape)} and {tuple(grads.shape)}")
     state.step += 1
     if ids.numel() == 0:
         return
-    rows, inverse = torch.unique(ids, return_inverse=True)
-    g = torch.zeros(rows.shape[0], weight.shape[1], dtype=torch.float32, device=weight.device)
-    g.index_add_(0, inverse, grads.float())
-    w = weight[rows].float()
+    cols = segment_columns(state.segments, state.col_offsets, weight.device)
+    rows, inverse = torch.unique(ids.long(), return_inverse=True)
+    g = torch.zeros(rows.shape[0], cols.numel(), dtype=torch.float32, device=weight.device)
+    g.index_add_(0, inverse, grads.float()[:, cols])
+    w = weight[rows][:, cols].float()
     if cfg.weight_decay:
         g += cfg.weight_decay * w
     if cfg.kind == "sgd":
@@ -126,10 +167,18 @@ def sparse_update_reference(
         w -= cfg.lr * g / (s.sqrt()[:, seg] + cfg.eps)
     else:
         t = state.step
-        m = state.exp_avg[rows].mul_(cfg.beta1).add_(g, alpha=1 - cfg.beta1)
-        v = state.exp_avg_sq[rows].mul_(cfg.beta2).addcmul_(g, g, value=1 - cfg.beta2)
-        state.exp_avg[rows] = m
-        state.exp_avg_sq[rows] = v
+        m = state.exp_avg[rows][:, cols].mul_(cfg.beta1).add_(g, alpha=1 - cfg.beta1)
+        v = state.exp_avg_sq[rows][:, cols].mul_(cfg.beta2).addcmul_(g, g, value=1 - cfg.beta2)
+        _put(state.exp_avg, rows, cols, m)
+        _put(state.exp_avg_sq, rows, cols, v)
         step_size = cfg.lr * math.sqrt(1 - cfg.beta2**t) / (1 - cfg.beta1**t)
         w -= step_size * m / (v.sqrt() + cfg.eps)
-    weight[rows] = w.to(weight.dtype)
+    _put(weight, rows, cols, w.to(weight.dtype))
+
+
+def _put(t: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor) -> None:
+    """t[rows][:, cols] = values, in place."""
+    if cols.numel() == t.shape[1]:
+        t[rows] = values
+    else:
+        t[rows.unsqueeze(1), cols.unsqueeze(0)] = values

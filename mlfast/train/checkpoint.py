@@ -1,4 +1,5 @@
-"""Checkpoint files: atomic writes (temp file + rename) and the RNG state a resume must restore."""
+"""Checkpoint files: atomic writes (temp file + rename), written in the background without
+stalling training, stale temporaries cleaned, and the RNG state a resume must restore."""
 from __future__ import annotations
 
 import contextlib
@@ -6,6 +7,8 @@ import json
 import os
 import random
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +19,14 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 CHECKPOINT_FORMAT = "mlfast-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
+TMP_SUFFIX = ".tmp"
 
 
 def _atomic_write(path: Path, write) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
         with os.fdopen(fd, "wb") as f:
@@ -60,8 +64,98 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    data = json.dumps(obj, indent=2, sort_keys=False, default=_json_default).encode() + b"\n"
+    """Strict JSON (NaN / infinity are refused: an undefined metric must be written as null)."""
+    data = json.dumps(obj, indent=2, sort_keys=False, default=_json_default, allow_nan=False).encode() + b"\n"
     _atomic_write(Path(path), lambda f: f.write(data))
+
+
+def clean_stale_temporaries(run_dir: str | Path) -> list[Path]:
+    """Remove the temporaries an interrupted atomic write left behind (``.<name>.<random>.tmp``)
+    in ``run_dir`` and its sub-directories; returns what was removed."""
+    removed = []
+    root = Path(run_dir)
+    if not root.is_dir():
+        return removed
+    for f in root.rglob(f".*{TMP_SUFFIX}"):
+        if f.is_file() and not f.is_symlink():
+            with contextlib.suppress(OSError):
+                f.unlink()
+                removed.append(f)
+    return removed
+
+
+class CheckpointWriter:
+    """Writes checkpoints on a background thread, one at a time, in submission order.
+
+    ``submit(path, state)`` returns at once: ``state`` must already be a snapshot that later training
+    steps cannot change (CPU copies). A later submission for the same path replaces a pending one
+    not yet started (only the newest state matters). ``flush()`` waits for everything submitted;
+    a failed write is raised there (or by the next ``submit``). ``sync=True`` writes inline.
+    """
+
+    def __init__(self, sync: bool = False):
+        self.sync = sync
+        self._pending: dict[Path, dict[str, Any]] = {}
+        self._order: list[Path] = []
+        self._cv = threading.Condition()
+        self._busy = False
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self.seconds_writing = 0.0
+        self.seconds_waiting = 0.0
+        self.writes = 0
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise RuntimeError(f"writing a checkpoint failed: {err}") from err
+
+    def submit(self, path: str | Path, state: dict[str, Any]) -> None:
+        path = Path(path)
+        if self.sync:
+            t0 = time.perf_counter()
+            save_checkpoint(path, state)
+            self.seconds_writing += time.perf_counter() - t0
+            self.writes += 1
+            return
+        with self._cv:
+            self._raise()
+            if path not in self._pending:
+                self._order.append(path)
+            self._pending[path] = state
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="mlfast-checkpoint-writer", daemon=True)
+                self._thread.start()
+            self._cv.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._order:
+                    self._cv.wait()
+                path = self._order.pop(0)
+                state = self._pending.pop(path)
+                self._busy = True
+            t0 = time.perf_counter()
+            try:
+                save_checkpoint(path, state)
+            except BaseException as exc:  # noqa: BLE001 - handed to the training thread
+                with self._cv:
+                    self._error = exc
+            finally:
+                with self._cv:
+                    self._busy = False
+                    self.seconds_writing += time.perf_counter() - t0
+                    self.writes += 1
+                    self._cv.notify_all()
+
+    def flush(self) -> None:
+        t0 = time.perf_counter()
+        with self._cv:
+            while self._order or self._busy:
+                self._cv.wait()
+            self.seconds_waiting += time.perf_counter() - t0
+            self._raise()
 
 
 def _json_default(o: Any):
@@ -69,6 +163,8 @@ def _json_default(o: Any):
         return int(o)
     if isinstance(o, (np.floating,)):
         return float(o)
+    if isinstance(o, np.bool_):
+        return bool(o)
     if isinstance(o, np.ndarray):
         return o.tolist()
     if isinstance(o, Path):

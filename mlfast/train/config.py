@@ -6,20 +6,24 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from mlfast.ops.backends import KERNELS
 from mlfast.ops.mutual_loss import MUTUAL_KINDS
 from mlfast.ops.sparse_optim import SPARSE_OPTIMIZERS
 
 ENGINES = ("auto", "plain", "fused")
 REGIMES = ("joint", "finetune")
 DEFAULT_BATCH_SIZE = 4096
+# One limit for every backend: the fused loss kernel keeps P x P peer terms in registers.
+MAX_PEERS = 8
 
 
 @dataclass
 class TrainConfig:
     """Everything that decides a training run (data paths excluded).
 
-    ``batch_size=None`` picks 4096, halved until an epoch has at least 64 steps (not below 128), so
-    the small real samples train sensibly with the same defaults as full Criteo.
+    ``batch_size=None`` picks 4096, halved until an epoch has at least 64 steps (not below 128, nor
+    above the training rows), so the small real samples train sensibly with the same defaults as
+    full Criteo.
     """
 
     peers: list[str] = field(default_factory=lambda: ["deepfm", "dcn"])
@@ -47,13 +51,19 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False
     device: str = "auto"
-    bf16: bool = False  # bf16 autocast of the models' matmuls (CUDA only)
+    bf16: bool = False  # bf16 autocast of the models' matmuls (CUDA, or CPUs with AVX512-BF16 / AMX)
     engine: str = "auto"  # "plain": nn.Embedding + dense Adam (the reference); "fused": sparse tables
+    kernels: str = "auto"  # fused engine's op backends: auto | triton | numba | reference (mlfast.ops.backends)
     sparse_optimizer: str = "adam"  # fused engine's embedding optimizer: adam (lazy) | adagrad | sgd
-    cuda_graph: bool = True  # fused engine on CUDA: capture the whole step in a CUDA graph
+    cuda_graph: bool = True  # on CUDA: capture the whole step in a CUDA graph (GraphedStep)
+    graph_fallback: bool = False  # a failed graph capture runs the step eagerly instead of stopping
+    # divergence: a peer whose mean training BCE is non-finite or above this stops the run
+    max_loss: float = 20.0
+    skip_bad_batches: bool = False  # skip (and count) batches whose loss is non-finite / above max_loss
     use_dense: bool = False  # feed the transformed numeric columns to the models too
     num_threads: int | None = None  # torch CPU threads (None: torch's default)
     progress: bool = True
+    tensorboard: bool = False  # also write TensorBoard scalars to <run>/tensorboard
 
     def __post_init__(self) -> None:
         self.validate()
@@ -66,6 +76,12 @@ class TrainConfig:
             self.peers = [self.peers]
         if not self.peers:
             bad("peers", self.peers, "at least one peer")
+        if len(self.peers) > MAX_PEERS:
+            bad("peers", self.peers, f"at most {MAX_PEERS} peers")
+        if self.kernels not in KERNELS:
+            bad("kernels", self.kernels, "one of " + "|".join(KERNELS))
+        if not self.max_loss > 0:
+            bad("max_loss", self.max_loss, "a positive number")
         if self.mutual not in MUTUAL_KINDS:
             bad("mutual", self.mutual, "one of " + "|".join(MUTUAL_KINDS))
         if self.engine not in ENGINES:
@@ -106,7 +122,7 @@ class TrainConfig:
         bs = DEFAULT_BATCH_SIZE
         while bs > 128 and num_train_rows // bs < 64:
             bs //= 2
-        return bs
+        return max(1, min(bs, num_train_rows))  # tiny data: one batch per epoch
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -114,6 +130,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         names = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k not in _RETIRED}
         unknown = set(d) - names
         if unknown:
             raise ValueError(f"unknown training options: {', '.join(sorted(unknown))}")
@@ -121,3 +138,6 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
+
+
+_RETIRED: set[str] = set()  # options stored by older runs that no longer exist

@@ -1,274 +1,246 @@
-"""Training-step engines: how one mutual step (forward, loss, backward, optimizer) is executed.
+"""Training-step engines: how one mutual step (forward, loss, backward, optimizer) runs on a
+`PeerGroup`. Every engine follows the `Engine` protocol, so the trainer, `GraphedStep` and the
+benchmarks treat them alike.
 
-* ``PlainEngine`` — the reference and the baseline: each peer's own ``nn.Embedding``-style table,
-  dense ``torch.optim.Adam`` over every parameter (FuxiCTR's way), the plain-PyTorch mutual loss.
-  No host syncs and no per-field loops; it is what the fused engine is measured against.
-* ``FusedEngine`` — the peers' tables interleaved in one ``PeerTables`` buffer, looked up for all
-  peers in one pass, with the sparse optimizer fused into the backward (Triton on CUDA, numba on
-  the CPU); the fused mutual-loss kernel on CUDA; torch's fused Adam for the dense layers; on CUDA
-  the whole step is captured in a CUDA graph and replayed.
+* ``FusedEngine``: the group's `PeerTables` (all peers' tables in one buffer, looked up in one
+  pass, the sparse optimizer fused into the lookup's backward), the mutual loss through the
+  backends' kernel, torch's fused Adam for the dense layers. One learning rate, a [1] device tensor
+  shared by the dense optimizer and the tables.
+* ``PlainEngine``: the reference and the FuxiCTR-style baseline: one ``nn.Parameter`` table per peer
+  (`DenseTables`), dense Adam over every parameter, the plain-PyTorch mutual loss.
 
-Both expose the same small interface so the trainer does not care which one runs.
+``train_step`` returns a [1 + P] device tensor: the total loss, then each peer's mean BCE (read by
+the trainer's divergence check; no host sync in the step).
 """
 from __future__ import annotations
 
 import contextlib
-import warnings
-from typing import Sequence
+import math
+from typing import Protocol, Sequence, runtime_checkable
 
 import torch
-from torch import nn
+import torch.nn.functional as F
 
-from mlfast.train.config import TrainConfig
+from mlfast.io.batches import Batch
+from mlfast.models import FeatureSchema, PeerSpec
+from mlfast.ops.backends import Backends, select_backends
 from mlfast.ops.mutual_loss import fused_mutual_loss, mutual_loss
 from mlfast.ops.sparse_optim import SparseOptimConfig
+from mlfast.train.config import TrainConfig
+from mlfast.train.group import PeerGroup
+from mlfast.train.tables import DenseTables, PeerTables
 
 
-def _stack_logits(logits: Sequence[torch.Tensor]) -> torch.Tensor:
-    return torch.stack([z.float() for z in logits], dim=1)
+@runtime_checkable
+class Engine(Protocol):
+    """What the trainer, `GraphedStep` and the benchmarks need from an engine."""
+
+    name: str
+    group: PeerGroup
+
+    def train_step(self, batch: Batch, guard: float | None = None) -> torch.Tensor:
+        """One optimizer step on ``batch``; returns [1 + P]: total loss, each peer's BCE. With
+        ``guard``, a batch whose loss is non-finite or a peer's BCE above ``guard`` is not applied
+        (a host sync: the caller asked to skip bad batches)."""
+        ...
+
+    def set_lr(self, lr: float) -> None: ...
+
+    def set_alpha(self, alpha: float) -> None: ...
+
+    def optimizer_state(self) -> dict: ...
+
+    def load_optimizer_state(self, state: dict) -> None: ...
 
 
-class Engine:
-    """Shared parts: peers, device, precision, alpha schedule. Subclasses implement the step."""
+def bf16_autocast_supported(device: torch.device) -> tuple[bool, str]:
+    """(supported, why not): bf16 autocast pays off on CUDA and on CPUs with AVX512-BF16 or AMX."""
+    if device.type == "cuda":
+        return True, ""
+    from mlfast.ops.cpu_features import bf16_supported, cpu_features
 
-    def __init__(self, peers: nn.ModuleList, cfg: TrainConfig, device: torch.device, lr: float):
-        self.peers = peers
+    if bf16_supported():
+        return True, ""
+    return False, (f"this CPU ({cpu_features().get('model', 'unknown')}) has neither AVX512-BF16 nor AMX-BF16: "
+                   "bf16 matrix products would be emulated and slower than fp32; train without --bf16")
+
+
+def losses_bad(out: torch.Tensor, guard: float | None) -> bool:
+    """Whether a step's [1 + P] losses (total, each peer's BCE) are non-finite or a peer's BCE is
+    above ``guard`` (False without a guard; a host sync with one)."""
+    if guard is None:
+        return False
+    v = out.tolist()
+    return not all(math.isfinite(x) for x in v) or any(x > guard for x in v[1:])
+
+
+class EngineBase:
+    """The parts every engine shares: the group, alpha and learning-rate tensors, precision."""
+
+    name = "base"
+
+    def __init__(self, group: PeerGroup, cfg: TrainConfig, device: torch.device, lr: float,
+                 lr_tensor: torch.Tensor | None = None):
+        self.group = group
         self.cfg = cfg
         self.device = device
-        self.lr = lr
-        # alpha lives on the device: the warm-up ramp changes it without host syncs or re-capture
+        # alpha and lr live on the device: the warm-up ramp and the decay change them in place,
+        # without host syncs and without re-capturing a graphed step. ``lr_value`` keeps the exact
+        # Python float for optimizers that take one (a float32 round trip would change its last bits).
         self.alpha = torch.zeros((), dtype=torch.float32, device=device)
-        self.use_bf16 = bool(cfg.bf16 and device.type == "cuda")
+        self.lr_value = float(lr)
+        self.lr = lr_tensor if lr_tensor is not None else torch.full((1,), self.lr_value, dtype=torch.float32,
+                                                                     device=device)
+        self.use_bf16 = bool(cfg.bf16)
+        if self.use_bf16:
+            ok, why = bf16_autocast_supported(device)
+            if not ok:
+                raise ValueError(f"--bf16: {why}")
 
     @property
     def num_peers(self) -> int:
-        return len(self.peers)
+        return self.group.num_peers
 
-    def set_alpha(self, value: float) -> None:
-        self.alpha.fill_(value)
+    def set_alpha(self, alpha: float) -> None:
+        self.alpha.fill_(alpha)
+
+    def set_lr(self, lr: float) -> None:
+        self.lr_value = float(lr)
+        self.lr.fill_(lr)
 
     def autocast(self):
         if self.use_bf16:
-            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def train(self, mode: bool = True) -> None:
-        self.peers.train(mode)
-
-    # interface -------------------------------------------------------------------------------
-    def train_step(self, sparse, dense, labels, bags=()) -> torch.Tensor:
-        """One step on a batch: one-hot ids [B, F], dense [B, Dd] or None, labels [B] and the
-        batch's bag fields (``(offsets [B+1], ids)`` per multi-hot field); returns the loss."""
-        raise NotImplementedError
-
-    @torch.no_grad()
-    def predict_logits(self, sparse, dense, bags=()) -> torch.Tensor:
-        raise NotImplementedError
-
-    def set_lr(self, lr: float) -> None:
-        raise NotImplementedError
-
-    def peer_state_dict(self, i: int, copy: bool = True) -> dict:
-        """Peer i's full ``state_dict`` (embedding table included), on the CPU. ``copy=False`` may
-        share memory with the live weights (fine for an immediate save, not for keeping)."""
-        raise NotImplementedError
-
-    def load_peer_state_dict(self, i: int, state: dict) -> None:
-        raise NotImplementedError
-
-    def optimizer_state_dict(self) -> dict:
-        raise NotImplementedError
-
-    def load_optimizer_state_dict(self, state: dict) -> None:
-        raise NotImplementedError
-
-
-def _cpu_state(sd: dict, copy: bool = True) -> dict:
-    return {k: v.detach().to("cpu", copy=copy) for k, v in sd.items()}
-
-
-class PlainEngine(Engine):
-    """nn.Embedding tables + dense Adam over everything: the FuxiCTR-style reference step."""
-
-    name = "plain"
-
-    def __init__(self, peers: nn.ModuleList, cfg: TrainConfig, device: torch.device, lr: float):
-        super().__init__(peers, cfg, device, lr)
-        emb_params = [m.embedding.weight for m in peers]
-        emb_ids = {id(p) for p in emb_params}
-        dense_params = [p for p in peers.parameters() if id(p) not in emb_ids]
-        fused = device.type == "cuda"
-        self.optimizer = torch.optim.Adam(
-            [{"params": dense_params, "weight_decay": cfg.net_l2}, {"params": emb_params, "weight_decay": 0.0}],
-            lr=lr, fused=fused or None,
-        )
-
-    def _forward(self, sparse, dense, bags=()) -> torch.Tensor:
+    def logits(self, batch: Batch) -> torch.Tensor:
         with self.autocast():
-            return _stack_logits([m(sparse, dense, bags) for m in self.peers])
+            return self.group(batch.sparse, batch.dense, batch.bags)
 
-    def train_step(self, sparse, dense, labels, bags=()) -> torch.Tensor:
-        logits = self._forward(sparse, dense, bags)
-        loss = mutual_loss(logits, labels, self.alpha, self.cfg.mutual)
-        self.optimizer.zero_grad(set_to_none=False)
-        loss.backward()
-        if self.cfg.embedding_l2:
-            self._embedding_l2(sparse, bags)
-        self.optimizer.step()
-        return loss.detach()
-
-    def _embedding_l2(self, sparse, bags=()) -> None:
-        """L2 on the rows this batch touched (the lazy form every sparse optimizer can apply):
-        grad_r += lambda * w_r once for each distinct row r in the batch (bag members included)."""
-        flat = torch.cat([sparse.reshape(-1), *(v for _, v in bags)]) if bags else sparse.reshape(-1)
-        for m in self.peers:
-            w = m.embedding.weight
-            touched = torch.zeros(w.shape[0], 1, dtype=w.dtype, device=w.device)
-            touched.index_fill_(0, flat, 1.0)
-            w.grad.addcmul_(w.detach(), touched, value=self.cfg.embedding_l2)
-
-    @torch.no_grad()
-    def predict_logits(self, sparse, dense, bags=()) -> torch.Tensor:
-        return self._forward(sparse, dense, bags)
-
-    def set_lr(self, lr: float) -> None:
-        self.lr = lr
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
-
-    def peer_state_dict(self, i: int, copy: bool = True) -> dict:
-        return _cpu_state(self.peers[i].state_dict(), copy)
-
-    def load_peer_state_dict(self, i: int, state: dict) -> None:
-        self.peers[i].load_state_dict(state)
-
-    def optimizer_state_dict(self) -> dict:
-        return {"dense": self.optimizer.state_dict()}
-
-    def load_optimizer_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["dense"])
+    @staticmethod
+    def peer_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Each peer's mean BCE [P] (no gradient): the health signal of the step."""
+        z = logits.detach()
+        return F.binary_cross_entropy_with_logits(z, labels[:, None].expand_as(z).to(z.dtype),
+                                                  reduction="none").mean(0)
 
 
-class FusedEngine(Engine):
-    """All peers' tables in one interleaved buffer with a fused sparse optimizer (see module doc)."""
+class FusedEngine(EngineBase):
+    """All peers' tables in one `PeerTables` with the sparse optimizer fused into the lookup's
+    backward; the fused mutual loss; fused dense Adam (see the module docstring)."""
 
     name = "fused"
 
-    def __init__(self, peers: nn.ModuleList, cfg: TrainConfig, device: torch.device, lr: float,
-                 backend: str | None = None):
-        """``backend``: the table / loss kernels: "triton" (default on CUDA), "cpu" (numba; default
-        on the CPU) or "reference" (plain PyTorch). Tests run "triton" on the CPU under the
-        Triton interpreter."""
-        super().__init__(peers, cfg, device, lr)
-        from mlfast.train.tables import PeerTables
+    def __init__(self, group: PeerGroup, cfg: TrainConfig, device: torch.device, lr: float,
+                 lr_tensor: torch.Tensor | None = None):
+        super().__init__(group, cfg, device, lr, lr_tensor)
+        if not isinstance(group.tables, PeerTables) or group.tables.state is None:
+            raise ValueError("FusedEngine trains a group built with kind='fused' and a sparse optimizer")
+        self.backends = group.tables.backends
+        dense_params = list(group.peers.parameters())
+        # fused Adam runs on the CPU too (torch >= 2.4) and reads a tensor learning rate
+        self.optimizer = torch.optim.Adam(dense_params, lr=self.lr, weight_decay=cfg.net_l2, fused=True)
 
-        self.sparse_cfg = SparseOptimConfig(kind=cfg.sparse_optimizer, lr=lr, weight_decay=cfg.embedding_l2)
-        backend = backend or ("triton" if device.type == "cuda" else "cpu")
-        self.loss_backend = "triton" if backend == "triton" else "reference"
-        weights = [m.embedding.weight.detach() for m in peers]
-        self.tables = PeerTables.from_peer_weights(weights, self.sparse_cfg, backend=backend)
-        # The peers keep no table of their own: the interleaved buffer is the only copy.
-        for m in peers:
-            del m.embedding
-        dense_params = list(peers.parameters())
-        cuda = device.type == "cuda"
-        self.graphed = bool(cfg.cuda_graph and cuda)
-        self.optimizer = torch.optim.Adam(
-            dense_params, lr=torch.tensor(lr, device=device) if self.graphed else lr,
-            weight_decay=cfg.net_l2, fused=cuda or None, capturable=self.graphed,
-        )
-        self._graph: torch.cuda.CUDAGraph | None = None
-        self._graph_batch = -1
-        self._static: dict[str, torch.Tensor | None] = {}
-
-    # step ------------------------------------------------------------------------------------
-    def _forward(self, sparse, dense, bags=(), requires_grad: bool | None = None) -> torch.Tensor:
-        embs = self.tables.lookup_fields(sparse, bags, requires_grad=requires_grad)
-        with self.autocast():
-            return _stack_logits([m.forward_embedded(e, dense) for m, e in zip(self.peers, embs)])
-
-    def _eager_step(self, sparse, dense, labels, bags=()) -> torch.Tensor:
-        logits = self._forward(sparse, dense, bags)
-        loss = fused_mutual_loss(logits, labels, self.alpha, self.cfg.mutual, backend=self.loss_backend)
+    def train_step(self, batch: Batch, guard: float | None = None) -> torch.Tensor:
+        logits = self.logits(batch)
+        loss = fused_mutual_loss(logits, batch.labels, self.alpha, self.cfg.mutual, backend=self.backends.loss)
+        out = torch.cat([loss.detach().reshape(1), self.peer_bce(logits, batch.labels)])
+        if losses_bad(out, guard):
+            return out
         self.optimizer.zero_grad(set_to_none=False)
-        loss.backward()  # the embedding rows are updated here, inside the table's backward
+        loss.backward()  # the embedding rows are updated here, inside the tables' backward
         self.optimizer.step()
-        return loss.detach()
+        return out
 
-    def train_step(self, sparse, dense, labels, bags=()) -> torch.Tensor:
-        if not self.graphed or bags:  # bags change size from batch to batch: no static graph
-            return self._eager_step(sparse, dense, labels, bags)
-        if self._graph is None:
-            return self._step_and_capture(sparse, dense, labels)
-        if sparse.shape[0] != self._graph_batch:
-            return self._eager_step(sparse, dense, labels)  # a ragged last batch is not graphed
-        s = self._static
-        s["sparse"].copy_(sparse, non_blocking=True)
-        if dense is not None:
-            s["dense"].copy_(dense, non_blocking=True)
-        s["labels"].copy_(labels, non_blocking=True)
-        self._graph.replay()
-        return s["loss"].clone()
+    def optimizer_state(self) -> dict:
+        return {"dense": self.optimizer.state_dict()}
 
-    def _step_and_capture(self, sparse, dense, labels) -> torch.Tensor:
-        """Run this batch's step eagerly (it also warms up allocator pools, lazy optimizer state
-        and kernel compilation, as capture requires), then record the step into a CUDA graph.
-        Capture only records kernels, it runs nothing, so no batch is trained twice."""
-        s = {"sparse": sparse.clone(), "dense": None if dense is None else dense.clone(), "labels": labels.clone()}
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            loss = self._eager_step(s["sparse"], s["dense"], s["labels"])
-        torch.cuda.current_stream().wait_stream(side)
-        try:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                s["loss"] = self._eager_step(s["sparse"], s["dense"], s["labels"])
-        except Exception as exc:  # pragma: no cover - depends on the CUDA stack
-            warnings.warn(f"CUDA graph capture failed ({exc}); running the fused step eagerly")
-            self.graphed = False
-            return loss
-        self._graph, self._graph_batch, self._static = graph, sparse.shape[0], s
-        return loss
+    def load_optimizer_state(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["dense"])
+        for g in self.optimizer.param_groups:  # the loaded state replaces the shared lr tensor
+            g["lr"] = self.lr
 
-    @torch.no_grad()
-    def predict_logits(self, sparse, dense, bags=()) -> torch.Tensor:
-        return self._forward(sparse, dense, bags, requires_grad=False)
+
+class PlainEngine(EngineBase):
+    """Per-peer ``nn.Parameter`` tables + dense Adam over everything: the FuxiCTR-style reference."""
+
+    name = "plain"
+
+    def __init__(self, group: PeerGroup, cfg: TrainConfig, device: torch.device, lr: float,
+                 lr_tensor: torch.Tensor | None = None):
+        super().__init__(group, cfg, device, lr, lr_tensor)
+        if not isinstance(group.tables, DenseTables):
+            raise ValueError("PlainEngine trains a group built with kind='dense'")
+        emb = list(group.tables.parameters())
+        self.optimizer = torch.optim.Adam(
+            [{"params": list(group.peers.parameters()), "weight_decay": cfg.net_l2},
+             {"params": emb, "weight_decay": 0.0}],
+            lr=self.lr_value, fused=device.type == "cuda" or None)
 
     def set_lr(self, lr: float) -> None:
-        self.lr = lr
+        super().set_lr(lr)
         for g in self.optimizer.param_groups:
-            if isinstance(g["lr"], torch.Tensor):
-                g["lr"].fill_(lr)
-            else:
-                g["lr"] = lr
-        self.tables.set_lr(lr)
+            g["lr"] = lr
 
-    def peer_state_dict(self, i: int, copy: bool = True) -> dict:
-        sd = _cpu_state(self.peers[i].state_dict(), copy)
-        sd["embedding.weight"] = self.tables.peer_weight(i).detach().cpu()  # already a fresh copy
-        return dict(sorted(sd.items()))
+    def train_step(self, batch: Batch, guard: float | None = None) -> torch.Tensor:
+        logits = self.logits(batch)
+        loss = mutual_loss(logits, batch.labels, self.alpha, self.cfg.mutual)
+        out = torch.cat([loss.detach().reshape(1), self.peer_bce(logits, batch.labels)])
+        if losses_bad(out, guard):
+            return out
+        self.optimizer.zero_grad(set_to_none=False)
+        loss.backward()
+        tables: DenseTables = self.group.tables
+        tables.mark_updated(batch.sparse, batch.bags)
+        if self.cfg.embedding_l2:
+            self._embedding_l2(batch)
+        self.optimizer.step()
+        return out
 
-    def load_peer_state_dict(self, i: int, state: dict) -> None:
-        state = dict(state)
-        self.tables.set_peer_weight(i, state.pop("embedding.weight"))
-        self.peers[i].load_state_dict(state)
+    def _embedding_l2(self, batch: Batch) -> None:
+        """L2 on the rows this batch touched (the lazy form every sparse optimizer applies):
+        grad_r += lambda * w_r once for each distinct row r (bag members included)."""
+        flat = torch.cat([batch.sparse.reshape(-1), *(v for _, v in batch.bags)]) if batch.bags \
+            else batch.sparse.reshape(-1)
+        for w in self.group.tables.parameters():
+            touched = torch.zeros(w.shape[0], 1, dtype=w.dtype, device=w.device)
+            touched.index_fill_(0, flat.long(), 1.0)
+            w.grad.addcmul_(w.detach(), touched, value=self.cfg.embedding_l2)
 
-    def optimizer_state_dict(self) -> dict:
-        # the table's weights are in the peers' state dicts already; untouched rows' state is zero
-        return {"dense": self.optimizer.state_dict(), "tables": self.tables.state_dict(weight=False, compact=True)}
+    def optimizer_state(self) -> dict:
+        return {"dense": self.optimizer.state_dict()}
 
-    def load_optimizer_state_dict(self, state: dict) -> None:
+    def load_optimizer_state(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["dense"])
-        self.tables.load_state_dict(state["tables"])
+        self.set_lr(self.lr_value)
 
 
-def resolve_engine(cfg: TrainConfig, device: torch.device) -> str:
-    if cfg.engine != "auto":
-        return cfg.engine
-    return "fused"
+ENGINES = {"fused": FusedEngine, "plain": PlainEngine}
 
 
-def make_engine(peers: nn.ModuleList, cfg: TrainConfig, device: torch.device, lr: float) -> Engine:
-    kind = resolve_engine(cfg, device)
-    return (FusedEngine if kind == "fused" else PlainEngine)(peers, cfg, device, lr)
+def resolve_engine(cfg: TrainConfig) -> str:
+    return "fused" if cfg.engine == "auto" else cfg.engine
+
+
+def build_group(specs: Sequence[PeerSpec], schema: FeatureSchema, cfg: TrainConfig, device: torch.device,
+                seeds: Sequence[int], lr: torch.Tensor | None = None, engine: str | None = None,
+                backends: Backends | None = None) -> PeerGroup:
+    """The group an engine of kind ``engine`` (default: the config's) trains."""
+    kind = engine or resolve_engine(cfg)
+    if kind == "fused":
+        backends = backends or select_backends(cfg.kernels, device, cfg.deterministic)
+        opt = SparseOptimConfig(kind=cfg.sparse_optimizer, lr=cfg.lr, weight_decay=cfg.embedding_l2)
+        return PeerGroup.build(specs, schema, embedding_dim=cfg.embedding_dim, seeds=seeds, kind="fused",
+                               optimizer=opt, backends=backends, device=device, lr=lr)
+    return PeerGroup.build(specs, schema, embedding_dim=cfg.embedding_dim, seeds=seeds, kind="dense", device=device)
+
+
+def make_engine(specs: Sequence[PeerSpec], schema: FeatureSchema, cfg: TrainConfig, device: torch.device,
+                seeds: Sequence[int], lr: float | None = None, engine: str | None = None,
+                backends: Backends | None = None) -> Engine:
+    """A fresh group of ``specs`` and the engine that trains it."""
+    kind = engine or resolve_engine(cfg)
+    lr = float(cfg.lr if lr is None else lr)
+    lr_t = torch.full((1,), lr, dtype=torch.float32, device=device)
+    group = build_group(specs, schema, cfg, device, seeds, lr_t, kind, backends)
+    return ENGINES[kind](group, cfg, device, lr, lr_t)

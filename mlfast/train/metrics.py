@@ -41,14 +41,31 @@ def logloss(labels: np.ndarray, probs: np.ndarray, eps: float = LOGLOSS_EPS) -> 
     return float(-np.mean(y * np.log(p) + (1 - y) * np.log1p(-p)))
 
 
-def peer_metrics(labels: np.ndarray, probs: np.ndarray, names: list[str]) -> dict[str, dict[str, float]]:
-    """{peer: {auc, logloss}} for each column of ``probs`` [N, P], plus ``ensemble`` (mean probability)."""
+def _defined(x: float) -> float | None:
+    return None if x is None or not np.isfinite(x) else float(x)
+
+
+def peer_metrics(labels: np.ndarray, probs: np.ndarray, names: list[str]) -> dict[str, dict[str, float | None]]:
+    """{peer: {auc, logloss}} for each column of ``probs`` [N, P], plus ``ensemble`` (mean
+    probability). A metric that is undefined on these labels (AUC with one class present, anything
+    on no rows) is None: JSON ``null``, a blank in tables.
+
+    >>> peer_metrics(np.array([1, 1]), np.array([[0.2], [0.9]]), ["a"])["a"]["auc"] is None
+    True
+    """
     probs = np.asarray(probs, dtype=np.float64)
     if probs.ndim != 2 or probs.shape[1] != len(names):
         raise ValueError(f"probs must be [N, {len(names)}], got {probs.shape}")
     out = {}
     for i, name in enumerate(names):
-        out[name] = {"auc": roc_auc(labels, probs[:, i]), "logloss": logloss(labels, probs[:, i])}
+        out[name] = {"auc": _defined(roc_auc(labels, probs[:, i])), "logloss": _defined(logloss(labels, probs[:, i]))}
     ens = probs.mean(1)
-    out["ensemble"] = {"auc": roc_auc(labels, ens), "logloss": logloss(labels, ens)}
+    out["ensemble"] = {"auc": _defined(roc_auc(labels, ens)), "logloss": _defined(logloss(labels, ens))}
     return out
+
+
+def selection_score(m: dict[str, float | None], metric: str) -> float:
+    """Higher is better: the AUC, or minus the logloss when selecting by logloss."""
+    if metric == "auc":
+        return m["auc"] if m["auc"] is not None else -np.inf
+    return -m["logloss"] if m["logloss"] is not None else -np.inf

@@ -1,33 +1,75 @@
 """The mutual-learning training loop: peers, schedule, validation, early stopping, checkpoints.
 
-The trainer owns devices, optimizers (through an engine, see ``engine.py``), precision, the alpha
-warm-up, learning-rate decay on plateau, early stopping on validation AUC, checkpoints and the
+The trainer owns the device, the engine (and through it the optimizers and the `PeerGroup`),
+precision, the alpha warm-up, learning-rate decay on plateau, early stopping, checkpoints and the
 learning curves. Models stay pure ``nn.Module``s. One ``MutualTrainer`` trains one group of peers
 once; the regimes (joint, solo-then-mutual fine-tuning) are composed from it in ``api.py``.
+
+Guarantees:
+
+* **Exact resume.** ``last.pt`` holds everything a continuation needs (the tables' updated rows
+  and their optimizer state, dense weights and optimizer state, each peer's best weights so far,
+  the data order, RNG states, the step inside the epoch). It is written at step boundaries only:
+  after each evaluation, every ``checkpoint_every`` steps, and when SIGINT / SIGTERM arrive (the
+  step in flight finishes first). A run resumed from it ends with the same weights and metrics as
+  an uninterrupted one, whether it was stopped by Ctrl-C, SIGTERM or SIGKILL.
+* **No silent divergence.** Each step's total loss and every peer's BCE are checked on the device
+  (no host sync in the step); a non-finite loss or a peer BCE above ``max_loss`` stops the run
+  with `TrainingDiverged` naming the peer and the first bad step, before any checkpoint can
+  record the bad state, unless ``skip_bad_batches`` (then such batches are skipped and counted).
+* **Defined metrics.** A validation split with one class has no AUC: the run warns once and
+  selects best weights and stops early on logloss instead.
+* Checkpoints are written by a background thread from CPU snapshots (training does not wait for
+  the disk), atomically; a temporary left by a killed write is removed on the next start.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
+import logging
 import math
-import os
+import signal
+import sys
+import threading
 import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
+from mlfast.models import FeatureSchema, PeerSpec
+from mlfast.ops.backends import Backends
 from mlfast.train import checkpoint as ckpt
 from mlfast.train.config import TrainConfig
-from mlfast.train.engine import Engine, make_engine
-from mlfast.train.metrics import peer_metrics
-from mlfast.models import FeatureSchema, PeerSpec, build_model
+from mlfast.train.engine import Engine, losses_bad, make_engine
+from mlfast.train.graphed import GraphedStep
+from mlfast.train.group import PeerGroup
+from mlfast.train.metrics import peer_metrics, selection_score
 
-MIN_DELTA = 1e-6  # an AUC must beat the best by this much to count as an improvement
-LOG_EVERY = 20  # steps between progress updates (each one is a host sync)
+log = logging.getLogger("mlfast")
+
+MIN_DELTA = 1e-6  # a score must beat the best by this much to count as an improvement
+LOG_EVERY = 20  # steps between loss readings (each one is a host sync)
+PLAIN_PROGRESS_SECONDS = 30.0  # without a terminal: one progress line at most this often
+
+
+class TrainingDiverged(RuntimeError):
+    """A peer's training loss became non-finite or exceeded ``max_loss``."""
+
+
+class Interrupted(Exception):
+    """SIGINT / SIGTERM arrived; the state at the last finished step was saved."""
+
+    def __init__(self, signum: int, saved: Path | None):
+        self.signum = signum
+        self.saved = saved
+        name = signal.Signals(signum).name
+        where = f"state saved to {saved}; continue with --resume" if saved else "no run directory: nothing saved"
+        super().__init__(f"{name} received: stopped after the step in flight; {where}")
 
 
 def peer_seed(seed: int, label: str) -> int:
@@ -50,11 +92,13 @@ def resolve_device(spec: str | torch.device | None) -> torch.device:
 
 def configure_determinism(enabled: bool) -> None:
     if enabled:
+        import os
+
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
-    else:
-        torch.use_deterministic_algorithms(False)
+    elif torch.are_deterministic_algorithms_enabled():
+        torch.use_deterministic_algorithms(False)  # (this call imports torch._inductor: ~3 s, skip when off)
 
 
 @dataclass
@@ -69,9 +113,12 @@ class Progress:
     bad_evals: int = 0
     stopped: str = ""  # "", "early_stopping", "max_steps", "completed"
     train_seconds: float = 0.0
-    loss_window: list[float] = field(default_factory=lambda: [0.0, 0.0])  # (sum, steps) since last log
-    best_auc: list[float] = field(default_factory=list)
+    loss_window: list[float] = field(default_factory=list)  # device sums since the last reading: [n, total, P bce]
+    metric: str = "auc"  # what selects best weights: "auc", or "logloss" where AUC is undefined
+    best_score: list[float] = field(default_factory=list)
     best_step: list[int] = field(default_factory=list)
+    best_metrics: list[dict | None] = field(default_factory=list)
+    skipped_batches: int = 0
     history: list[dict] = field(default_factory=list)
 
 
@@ -81,7 +128,7 @@ class MutualTrainer:
     Example::
 
         >>> trainer = MutualTrainer(parse_peers("deepfm,dcn"), FeatureSchema.from_data(data), TrainConfig())
-        >>> result = trainer.fit(train_loader, valid_loader, out_dir="runs/x")
+        >>> summary = trainer.fit(train_loader, valid_loader, out_dir="runs/x")
     """
 
     def __init__(
@@ -94,51 +141,46 @@ class MutualTrainer:
         lr: float | None = None,
         device: str | torch.device | None = None,
         seeds: Sequence[int] | None = None,
+        engine: str | None = None,
+        backends: Backends | None = None,
     ):
         self.cfg = cfg
         self.specs = list(peers)
         self.labels = [s.label or s.model for s in self.specs]
         self.schema = schema
         self.device = resolve_device(device if device is not None else cfg.device)
-        if cfg.bf16 and self.device.type != "cuda":
-            raise ValueError("--bf16 needs a CUDA device (bf16 autocast on the CPU is slower, not faster)")
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         configure_determinism(cfg.deterministic)
         ckpt.seed_everything(cfg.seed)
-        seeds = list(seeds) if seeds is not None else [peer_seed(cfg.seed, lbl) for lbl in self.labels]
-        models = []
-        for spec, seed in zip(self.specs, seeds):
-            torch.manual_seed(seed)
-            models.append(build_model(spec, schema, cfg.embedding_dim))
+        self.seeds = list(seeds) if seeds is not None else [peer_seed(cfg.seed, lbl) for lbl in self.labels]
+        self.engine: Engine = make_engine(self.specs, schema, cfg, self.device, self.seeds,
+                                          lr=lr if lr is not None else cfg.lr, engine=engine, backends=backends)
+        self.group: PeerGroup = self.engine.group
         ckpt.seed_everything(cfg.seed)
-        self.peers = nn.ModuleList(models).to(self.device)
-        if init_states is not None:
-            for m, st in zip(self.peers, init_states):
-                if st is not None:
-                    m.load_state_dict(st)
-        self.engine: Engine = make_engine(self.peers, cfg, self.device, lr if lr is not None else cfg.lr)
-        self.progress = Progress(lr=self.engine.lr, best_auc=[-math.inf] * len(self.specs),
-                                 best_step=[-1] * len(self.specs))
-        self.best_states: list[dict | None] = [None] * len(self.specs)
-        self.best_metrics: list[dict | None] = [None] * len(self.specs)
+        if init_states is not None:  # snapshots of single-peer groups (pretrained solo runs)
+            for i, snap in enumerate(init_states):
+                if snap is not None:
+                    self.group.load_peer(i, snap, 0)
+        self.step_fn = GraphedStep(self.engine, enabled=cfg.cuda_graph and not cfg.skip_bad_batches,
+                                   fallback=cfg.graph_fallback)
+        P = len(self.specs)
+        self.progress = Progress(lr=float(lr if lr is not None else cfg.lr), best_score=[-math.inf] * P,
+                                 best_step=[-1] * P, best_metrics=[None] * P)
+        self.best: list[dict | None] = [None] * P  # each peer's best snapshot (CPU)
+        self.writer = ckpt.CheckpointWriter()
+        self.listeners: list[Callable[[dict], None]] = []  # each history row, as logged (e.g. TensorBoard)
+        self._stop_signal: int | None = None
+        self._warned_undefined = False
+        self.finished_on_best = False
 
     # ------------------------------------------------------------------------------- prediction
     @torch.no_grad()
     def predict(self, loader, epoch: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
         """(probabilities [N, P], labels [N] or None) over ``loader`` in its order."""
-        self.engine.train(False)
-        probs, labels = [], []
-        for batch in loader.epoch(epoch):
-            probs.append(torch.sigmoid(self.engine.predict_logits(batch.sparse, batch.dense, batch.bags)))
-            if batch.labels is not None:
-                labels.append(batch.labels)
-        self.engine.train(True)
-        p = torch.cat(probs).cpu().numpy() if probs else np.zeros((0, len(self.specs)), np.float32)
-        y = torch.cat(labels).cpu().numpy() if labels else None
-        return p, y
+        return predict_group(self.group, loader, self.engine.autocast, epoch)
 
-    def evaluate(self, loader) -> dict[str, dict[str, float]]:
+    def evaluate(self, loader) -> dict[str, dict[str, float | None]]:
         """{peer label: {auc, logloss}, "ensemble": {...}} on a labelled loader."""
         p, y = self.predict(loader)
         if y is None:
@@ -151,87 +193,93 @@ class MutualTrainer:
         """Train until ``epochs``, early stopping or ``max_steps``; returns the run summary.
 
         Validation (if given) runs every ``eval_every`` steps and after each epoch; each peer's
-        best-by-validation weights are kept (in ``best.pt`` when ``out_dir`` is set) and restored
-        at the end. With ``out_dir``, ``last.pt`` is written at each evaluation / every
-        ``checkpoint_every`` steps / on Ctrl-C, and ``resume=True`` continues from it exactly.
-        ``evaluate_first`` validates the starting weights too (fine-tuning: the pretrained state is
-        a candidate for "best", so early stopping never returns a peer worse on validation).
+        best-by-validation weights are kept and restored at the end. With ``out_dir``, ``last.pt``
+        is written at each evaluation / every ``checkpoint_every`` steps / on SIGINT and SIGTERM,
+        ``best.pt`` at each improvement, and ``resume=True`` continues from ``last.pt`` exactly.
+        ``evaluate_first`` validates the starting weights too (fine-tuning: the pretrained state
+        is a candidate for "best", so early stopping never returns a peer worse on validation).
         """
         cfg = self.cfg
         out = Path(out_dir) if out_dir is not None else None
         self._extra_state = extra_state or {}
+        if out is not None:
+            for f in ckpt.clean_stale_temporaries(out):
+                log.info("removed %s (left by an interrupted checkpoint write)", f)
         if resume:
             if out is None or not (out / "last.pt").is_file():
                 raise FileNotFoundError(f"--resume: no checkpoint at {out / 'last.pt' if out else '(no --out)'}")
             self.load_training_state(out)
         pr = self.progress
-        steps_per_epoch = len(train)
-        total_steps = steps_per_epoch * cfg.epochs
+        total_steps = len(train) * cfg.epochs
         if cfg.max_steps:
             total_steps = min(total_steps, cfg.max_steps)
-        bar = _progress_bar(cfg.progress, total_steps, pr.step)
-        # the running training loss stays on the device: read once per LOG_EVERY steps
-        self._loss_sum = torch.full((), pr.loss_window[0], device=self.device)
-        self._loss_count = int(pr.loss_window[1])
-        self.engine.train(True)
+        P = len(self.specs)
+        window = pr.loss_window or [0.0] * (2 + P)
+        self._loss_sum = torch.tensor(window[1:], dtype=torch.float32, device=self.device)
+        self._loss_count = int(window[0])
+        self._bad = torch.zeros(P, dtype=torch.bool, device=self.device)
+        self._first_bad = torch.full((), -1, dtype=torch.int64, device=self.device)
+        self._step_t = torch.full((), pr.step, dtype=torch.int64, device=self.device)
+        self.group.train(True)
         if not cfg.alpha_warmup_steps:
             self.engine.set_alpha(cfg.alpha)
-        if evaluate_first and valid is not None and pr.step == 0 and not pr.history:
-            self._validate(valid, out, count_bad=False)
+        reporter = _Reporter(cfg.progress, total_steps, pr, self.labels)
         clock = _Clock(pr)
         try:
-            while pr.epoch < cfg.epochs and not pr.stopped:
-                for batch in train.epoch(pr.epoch, start_batch=pr.batch):
-                    if cfg.alpha_warmup_steps and pr.step <= cfg.alpha_warmup_steps:
-                        self.engine.set_alpha(cfg.alpha * min(1.0, (pr.step + 1) / cfg.alpha_warmup_steps))
-                    self._loss_sum += self.engine.train_step(batch.sparse, batch.dense, batch.labels, batch.bags)
-                    self._loss_count += 1
-                    pr.step += 1
-                    pr.batch += 1
-                    pr.samples += int(batch.sparse.shape[0])
-                    bar.update(1)
-                    if pr.step % LOG_EVERY == 0:
-                        train_loss = float(self._loss_sum) / self._loss_count  # the one host sync
-                        self._loss_sum.zero_()
-                        self._loss_count = 0
-                        pr.history.append({"step": pr.step, "epoch": pr.epoch, "samples": pr.samples,
-                                           "train_loss": train_loss, "lr": pr.lr})
-                        bar.set_postfix(loss=f"{train_loss:.4f}", samples_per_s=f"{clock.rate():,.0f}")
-                    if cfg.max_steps and pr.step >= cfg.max_steps:
-                        pr.stopped = "max_steps"
-                        break
-                    if valid is not None and cfg.eval_every and pr.step % cfg.eval_every == 0:
-                        with clock.paused():
-                            self._validate(valid, out)
-                        if pr.stopped:
+            with self._stop_on_signals():
+                if evaluate_first and valid is not None and pr.step == 0 and not pr.history:
+                    with clock.paused():
+                        self._validate(valid, out, reporter, count_bad=False)
+                while pr.epoch < cfg.epochs and not pr.stopped:
+                    for batch in train.epoch(pr.epoch, start_batch=pr.batch):
+                        self._train_one(batch)
+                        reporter.step(clock)
+                        if pr.step % LOG_EVERY == 0:
+                            self._read_losses(reporter)
+                        if self._stop_signal is not None:
+                            with clock.paused():
+                                raise Interrupted(self._stop_signal, self._save_on_signal(out))
+                        if cfg.max_steps and pr.step >= cfg.max_steps:
+                            pr.stopped = "max_steps"
                             break
-                    elif out is not None and cfg.checkpoint_every and pr.step % cfg.checkpoint_every == 0:
-                        with clock.paused():
+                        if valid is not None and cfg.eval_every and pr.step % cfg.eval_every == 0:
+                            with clock.paused():
+                                self._validate(valid, out, reporter)
+                            if pr.stopped:
+                                break
+                        elif out is not None and cfg.checkpoint_every and pr.step % cfg.checkpoint_every == 0:
+                            with clock.paused():
+                                self._check_health()
+                                self.save_training_state(out)
+                    if pr.stopped:
+                        break
+                    pr.epoch += 1
+                    pr.batch = 0
+                    with clock.paused():
+                        if valid is not None:
+                            self._validate(valid, out, reporter)
+                        elif out is not None:
+                            self._check_health()
                             self.save_training_state(out)
-                if pr.stopped:
-                    break
-                pr.epoch += 1
-                pr.batch = 0
-                with clock.paused():
-                    if valid is not None:
-                        self._validate(valid, out)
-                    elif out is not None:
-                        self.save_training_state(out)
-            if not pr.stopped:
-                pr.stopped = "completed"
-        except KeyboardInterrupt:
-            clock.stop()
-            if out is not None:
-                self.save_training_state(out)
-                bar.write(f"interrupted: state saved to {out / 'last.pt'}; continue with --resume")
-            raise
+                if not pr.stopped:
+                    pr.stopped = "completed"
+                clock.stop()
+                self._check_health()
+                if out is not None:
+                    self.save_training_state(out)
         finally:
             clock.stop()
-            bar.close()
-        if out is not None:
-            self.save_training_state(out)
+            reporter.close()
+            with contextlib.suppress(Exception):
+                self.writer.flush()
+        self.writer.flush()
+        return self.finish()
+
+    def finish(self) -> dict[str, Any]:
+        """Restore each peer's best weights (when validation ran) and summarise the run."""
+        pr = self.progress
         self.finished_on_best = False
-        if valid is not None and all(s is not None for s in self.best_states):
+        if all(b is not None for b in self.best):
             self.restore_best()
             self.finished_on_best = True
         return {
@@ -240,31 +288,103 @@ class MutualTrainer:
             "epochs_completed": pr.epoch,
             "stopped": pr.stopped,
             "train_seconds": pr.train_seconds,
-            "samples_per_second": pr.samples / pr.train_seconds if pr.train_seconds > 0 else float("nan"),
+            "samples_per_second": pr.samples / pr.train_seconds if pr.train_seconds > 0 else None,
+            "selection_metric": pr.metric,
             "best_step": dict(zip(self.labels, pr.best_step)),
-            "best_valid": dict(zip(self.labels, self.best_metrics)),
+            "best_valid": dict(zip(self.labels, pr.best_metrics)),
+            "skipped_batches": pr.skipped_batches,
+            "graph": dict(self.step_fn.stats),
+            "checkpoint_seconds": {"writing": round(self.writer.seconds_writing, 3),
+                                   "waiting": round(self.writer.seconds_waiting, 3), "writes": self.writer.writes},
         }
 
-    def _validate(self, valid, out: Path | None, count_bad: bool = True) -> None:
+    def _train_one(self, batch) -> None:
         cfg, pr = self.cfg, self.progress
+        if cfg.alpha_warmup_steps and pr.step <= cfg.alpha_warmup_steps:
+            self.engine.set_alpha(cfg.alpha * min(1.0, (pr.step + 1) / cfg.alpha_warmup_steps))
+        if cfg.skip_bad_batches:
+            out = self.engine.train_step(batch, guard=cfg.max_loss)
+            if losses_bad(out, cfg.max_loss):  # a host sync per step: the price of skipping
+                pr.skipped_batches += 1
+                if pr.skipped_batches in (1, 10, 100) or pr.skipped_batches % 1000 == 0:
+                    log.warning("skipped batch %d of epoch %d (step %d): loss %s; %d skipped so far",
+                                pr.batch, pr.epoch, pr.step + 1, _fmt_losses(out, self.labels), pr.skipped_batches)
+                pr.batch += 1
+                return
+        else:
+            out = self.step_fn(batch)
+        self._step_t += 1
+        bad = ~torch.isfinite(out[1:]) | (out[1:] > cfg.max_loss) | ~torch.isfinite(out[:1])
+        self._bad |= bad
+        self._first_bad = torch.where(bad.any() & (self._first_bad < 0), self._step_t, self._first_bad)
+        self._loss_sum += out
+        self._loss_count += 1
+        pr.step += 1
+        pr.batch += 1
+        pr.samples += int(batch.sparse.shape[0])
+
+    def _check_health(self) -> None:
+        """Raise `TrainingDiverged` if any step since the start looked bad (one host sync)."""
+        if not hasattr(self, "_bad") or not bool(self._bad.any()):
+            return
+        peers = [lbl for lbl, b in zip(self.labels, self._bad.tolist()) if b]
+        step = int(self._first_bad)
+        pr = self.progress
+        raise TrainingDiverged(
+            f"training diverged at step {step}: the loss of peer {', '.join(peers)} became non-finite or exceeded "
+            f"{self.cfg.max_loss:g} nats per sample (learning rate {pr.lr:g}). The last checkpoint written "
+            "before it is kept; lower --lr, or pass --skip-bad-batches to skip such batches")
+
+    def _read_losses(self, reporter: "_Reporter") -> None:
+        pr = self.progress
+        sums = self._loss_sum.tolist()  # the one host sync per LOG_EVERY steps
+        self._check_health()
+        n = max(self._loss_count, 1)
+        self._loss_sum.zero_()
+        self._loss_count = 0
+        row = {"step": pr.step, "epoch": pr.epoch, "samples": pr.samples, "train_loss": sums[0] / n, "lr": pr.lr}
+        for lbl, s in zip(self.labels, sums[1:]):
+            row[f"train_{lbl}_bce"] = s / n
+        pr.history.append(row)
+        reporter.loss(row["train_loss"])
+        for f in self.listeners:
+            f(row)
+
+    def _validate(self, valid, out: Path | None, reporter: "_Reporter", count_bad: bool = True) -> None:
+        cfg, pr = self.cfg, self.progress
+        self._check_health()
         metrics = self.evaluate(valid)
+        if pr.metric == "auc" and any(m["auc"] is None for m in metrics.values()):
+            pr.metric = "logloss"
+            pr.best_score = [-math.inf] * len(self.labels)
+        if pr.metric == "logloss" and not self._warned_undefined:
+            self._warned_undefined = True
+            log.warning("validation AUC is undefined (the validation split has one class): selecting best weights "
+                        "and stopping early on validation logloss")
         row = {"step": pr.step, "epoch": pr.epoch, "samples": pr.samples, "lr": pr.lr}
         for name, m in metrics.items():
             row[f"valid_{name}_auc"] = m["auc"]
             row[f"valid_{name}_logloss"] = m["logloss"]
         pr.history.append(row)
-        improved = False
+        reporter.validation(pr, metrics)
+        for f in self.listeners:
+            f(row)
+        improved = []
         for i, name in enumerate(self.labels):
-            auc = metrics[name]["auc"]
-            if auc > pr.best_auc[i] + MIN_DELTA:
-                pr.best_auc[i] = auc
+            score = selection_score(metrics[name], pr.metric)
+            if score > pr.best_score[i] + MIN_DELTA:
+                pr.best_score[i] = score
                 pr.best_step[i] = pr.step
-                self.best_states[i] = self.engine.peer_state_dict(i)
-                self.best_metrics[i] = dict(metrics[name])
-                improved = True
+                pr.best_metrics[i] = dict(metrics[name])
+                improved.append(i)
+        if improved:
+            # only the improved peers' columns of the rows updates touched: no whole-table copy
+            snap = self.group.snapshot(peers=improved)
+            for i in improved:
+                self.best[i] = _peer_part(snap, i)
         if improved or not count_bad:
             pr.bad_evals = 0
-            if out is not None:
+            if out is not None and improved:
                 self._save_best(out)
         else:
             pr.bad_evals += 1
@@ -277,51 +397,56 @@ class MutualTrainer:
             self.save_training_state(out)
 
     def restore_best(self) -> None:
-        for i, st in enumerate(self.best_states):
-            if st is not None:
-                self.engine.load_peer_state_dict(i, st)
-
-    def peer_states(self, copy: bool = True) -> list[dict]:
-        return [self.engine.peer_state_dict(i, copy) for i in range(len(self.specs))]
+        for i, snap in enumerate(self.best):
+            if snap is not None:
+                self.group.restore(snap, peers=[i])
 
     # ------------------------------------------------------------------------------ checkpoints
     def _meta(self) -> dict:
         return {
             "config": self.cfg.to_dict(),
             "peers": [s.to_dict() for s in self.specs],
+            "seeds": list(self.seeds),
             "schema": self.schema.to_dict(),
             **self._extra_state,
         }
 
     def _save_best(self, out: Path) -> None:
-        ckpt.save_checkpoint(out / "best.pt", {
-            **self._meta(),
-            "kind": "best",
-            "peer_states": self.best_states,
-            "best_metrics": self.best_metrics,
-            "best_step": list(self.progress.best_step),
+        pr = self.progress
+        self.writer.submit(out / "best.pt", {
+            **self._meta(), "kind": "best", "best": list(self.best), "best_step": list(pr.best_step),
+            "best_metrics": copy.deepcopy(pr.best_metrics), "metric": pr.metric,
         })
 
-    def save_training_state(self, out: Path) -> None:
+    def save_training_state(self, out: Path, sync: bool = False) -> None:
+        """Submit ``last.pt`` (a snapshot taken now, written in the background unless ``sync``)."""
         pr = self.progress
         if hasattr(self, "_loss_sum"):
-            pr.loss_window = [float(self._loss_sum), float(self._loss_count)]
-        ckpt.save_checkpoint(out / "last.pt", {
+            pr.loss_window = [float(self._loss_count)] + self._loss_sum.tolist()
+        state = {
             **self._meta(),
             "kind": "last",
-            "peer_states": self.peer_states(copy=False),
-            "optimizer": self.engine.optimizer_state_dict(),
-            "progress": pr.__dict__,
+            "state": self.group.snapshot(optimizer_state=True),
+            "optimizer": _detached_copy(self.engine.optimizer_state()),
+            "progress": copy.deepcopy(dataclasses.asdict(pr)),
             "rng": ckpt.rng_state(),
-        })
+            "best": list(self.best),
+        }
+        self.writer.submit(out / "last.pt", state)
+        if sync:
+            self.writer.flush()
 
-    finished_on_best = False  # fit() ended with every peer restored to its best.pt weights
+    def _save_on_signal(self, out: Path | None) -> Path | None:
+        if out is None:
+            return None
+        self._check_health()
+        self.save_training_state(out, sync=True)
+        return out / "last.pt"
 
     def load_finished(self, run: Path) -> None:
         """Load the final peer weights of a finished run directory (its model.pt)."""
         state = ckpt.load_checkpoint(run / "model.pt")
-        for i, st in enumerate(state["peer_states"]):
-            self.engine.load_peer_state_dict(i, st)
+        self.group.restore(state["state"])
 
     def load_training_state(self, out: Path) -> None:
         state = ckpt.load_checkpoint(out / "last.pt")
@@ -331,19 +456,81 @@ class MutualTrainer:
                              f"{[p['label'] for p in state['peers']]}, not {self.labels}")
         if state["schema"] != self.schema.to_dict():
             raise ValueError(f"--resume: {out / 'last.pt'} was trained on data with a different field layout")
-        for i, st in enumerate(state["peer_states"]):
-            self.engine.load_peer_state_dict(i, st)
-        self.engine.load_optimizer_state_dict(state["optimizer"])
+        self.group.restore(state["state"])
+        self.engine.load_optimizer_state(state["optimizer"])
+        self.step_fn.reset()  # captured graphs point at the tensors the load replaced
         self.progress = Progress(**state["progress"])
         self.engine.set_lr(self.progress.lr)
         if self.progress.stopped == "max_steps":
             self.progress.stopped = ""  # a run cut short by --max-steps continues
+        if self.progress.stopped == "completed" and self.progress.epoch < self.cfg.epochs:
+            self.progress.stopped = ""  # --epochs raised: a finished run continues
         ckpt.set_rng_state(state["rng"])
-        best_path = out / "best.pt"
-        if best_path.is_file():
-            best = ckpt.load_checkpoint(best_path)
-            self.best_states = list(best["peer_states"])
-            self.best_metrics = list(best["best_metrics"])
+        self.best = list(state["best"])
+
+    # --------------------------------------------------------------------------------- signals
+    @contextlib.contextmanager
+    def _stop_on_signals(self):
+        """SIGINT / SIGTERM stop training after the step in flight (a second Ctrl-C stops at once)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        prev = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+        def handler(signum, frame):
+            if self._stop_signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+
+        self._stop_signal = None
+        for s in prev:
+            signal.signal(s, handler)
+        try:
+            yield
+        finally:
+            for s, h in prev.items():
+                signal.signal(s, h)
+
+
+def predict_group(group: PeerGroup, loader, autocast: Callable = contextlib.nullcontext,
+                  epoch: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
+    """(probabilities [N, P], labels [N] or None) of ``group`` over ``loader`` in its order."""
+    was_training = group.training
+    group.train(False)
+    probs, labels = [], []
+    with torch.no_grad():
+        for batch in loader.epoch(epoch):
+            with autocast():
+                probs.append(torch.sigmoid(group(batch.sparse, batch.dense, batch.bags)))
+            if batch.labels is not None:
+                labels.append(batch.labels)
+    group.train(was_training)
+    p = torch.cat(probs).float().cpu().numpy() if probs else np.zeros((0, group.num_peers), np.float32)
+    y = torch.cat(labels).cpu().numpy() if labels else None
+    return p, y
+
+
+def _fmt_losses(out: torch.Tensor, labels: Sequence[str]) -> str:
+    v = out.tolist()
+    return f"total {v[0]:.4g} (" + ", ".join(f"{lbl} {x:.4g}" for lbl, x in zip(labels, v[1:])) + ")"
+
+
+def _peer_part(snap: dict, i: int) -> dict:
+    """Peer i's share of a group snapshot taken with ``peers=[..., i, ...]``."""
+    t = snap["tables"]
+    return {"tables": {**{k: v for k, v in t.items() if k != "peers"}, "peers": {i: t["peers"][i]}},
+            "peers": [st if j == i else None for j, st in enumerate(snap["peers"])]}
+
+
+def _detached_copy(obj: Any) -> Any:
+    """A deep copy whose tensors are CPU clones (a checkpoint must not change as training goes on)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _detached_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_detached_copy(v) for v in obj)
+    return copy.deepcopy(obj)
 
 
 class _Clock:
@@ -371,17 +558,54 @@ class _Clock:
             self.t0 = time.perf_counter()
 
 
-class _NullBar:
-    def update(self, n: int = 1) -> None: ...
-    def set_postfix(self, **kw) -> None: ...
-    def write(self, s: str) -> None:
-        print(s)
-    def close(self) -> None: ...
+def format_validation(step: int, epoch: int, metrics: dict[str, dict[str, float | None]]) -> str:
+    """One line: ``step 126 (epoch 1) valid: deepfm AUC 0.7082 logloss 0.4634 | ... | ensemble ...``."""
+    def f(x):
+        return "-" if x is None else f"{x:.4f}"
+
+    parts = [f"{name} AUC {f(m['auc'])} logloss {f(m['logloss'])}" for name, m in metrics.items()]
+    return f"step {step} (epoch {epoch}) valid: " + " | ".join(parts)
 
 
-def _progress_bar(enabled: bool, total: int, initial: int):
-    if not enabled:
-        return _NullBar()
-    from tqdm.auto import tqdm
+class _Reporter:
+    """Progress on a terminal (a tqdm bar), plain periodic log lines otherwise; one line per
+    validation either way."""
 
-    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=False)
+    def __init__(self, enabled: bool, total: int, pr: Progress, labels: Sequence[str]):
+        self.enabled = enabled
+        self.total = total
+        self.pr = pr
+        self.bar = None
+        self.last_line = time.perf_counter()
+        self.last_loss: float | None = None
+        if enabled and sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=pr.step, unit="step", dynamic_ncols=True, leave=False)
+
+    def step(self, clock: _Clock) -> None:
+        self.clock = clock
+        if self.bar is not None:
+            self.bar.update(1)
+        elif self.enabled and time.perf_counter() - self.last_line >= PLAIN_PROGRESS_SECONDS:
+            self.last_line = time.perf_counter()
+            loss = "-" if self.last_loss is None else f"{self.last_loss:.4f}"
+            log.info("step %d/%d (epoch %d): loss %s, %s samples/s", self.pr.step, self.total, self.pr.epoch, loss,
+                     f"{clock.rate():,.0f}")
+
+    def loss(self, value: float) -> None:
+        self.last_loss = value
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{value:.4f}", samples_per_s=f"{self.clock.rate():,.0f}")
+
+    def validation(self, pr: Progress, metrics: dict) -> None:
+        line = format_validation(pr.step, pr.epoch, metrics)
+        if self.bar is not None:
+            self.bar.clear()
+        log.info(line)
+        if self.bar is not None:
+            self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
