@@ -35,7 +35,7 @@ from mlfast.train.group import PeerGroup
 from mlfast.train.metrics import peer_metrics
 from mlfast.train.trainer import MutualTrainer, predict_group, resolve_device
 
-__all__ = ["fit", "load_run", "FitResult", "Predictor", "RunExists", "prepare_data", "reader_options", "read_file",
+__all__ = ["fit", "load_run", "FitResult", "Predictor", "RunExists", "ResumeConflict", "RunDirectoryError", "prepare_data", "reader_options", "read_file",
            "write_predictions_csv", "Split", "Prepared", "READER_DEFAULTS"]
 
 log = logging.getLogger("mlfast")
@@ -50,8 +50,21 @@ RESUME_MUTABLE = frozenset({"epochs", "finetune_epochs", "max_steps", "patience"
                             "num_threads", "progress", "cuda_graph", "graph_fallback"})
 
 
-class RunExists(ValueError):
+class RunDirectoryError(ValueError):
+    """A problem with how a run directory was asked for (the CLI's exit status 2)."""
+
+
+class RunExists(RunDirectoryError):
     """The run directory already holds a run and neither resume nor overwrite was asked for."""
+
+
+class ResumeConflict(RunDirectoryError):
+    """Settings given again on resume differ from the saved run's and cannot change.
+    ``conflicts``: (setting, saved value, given value) triples."""
+
+    def __init__(self, message: str, conflicts: list[tuple[str, Any, Any]]):
+        super().__init__(message)
+        self.conflicts = conflicts
 
 
 # ------------------------------------------------------------------------------------ predictor
@@ -216,6 +229,7 @@ class Session:
         """Train ``specs`` together (one peer = alone); a finished phase in ``out`` is loaded, not redone."""
         cfg = cfg or self.cfg
         t = MutualTrainer(specs, self.schema, cfg, device=self.device, init_states=init_states, lr=lr)
+        t._extra_state = self.extra
         done = _finished(out) if resume else None
         if done is not None and done.get("epochs", cfg.epochs) >= cfg.epochs:
             t.load_finished(out)
@@ -237,6 +251,7 @@ class Session:
                 board.close()
         if out is not None:
             ckpt.save_checkpoint(out / MODEL_FILE, {"kind": "model", "state": t.group.snapshot(), **t._meta()})
+            ckpt.fault_point("after_model")
             ckpt.write_json(out / "finished.json", {"epochs": cfg.epochs, "summary": summary})
         return t, summary
 
@@ -285,27 +300,30 @@ def resume_settings(out_dir: Path, given: dict[str, Any]) -> tuple[TrainConfig, 
     if saved is None:
         raise FileNotFoundError(f"--resume: {out_dir} holds no mlfast run (no config.json)")
     cfg = dict(saved["config"])
-    conflicts, changed = [], []
+    conflicts: list[tuple[str, Any, Any]] = []
+    changed = []
     for k, v in given.get("config", {}).items():
         if k not in cfg:
-            conflicts.append(f"{k} (unknown to the saved run)")
+            conflicts.append((k, None, v))
         elif _norm(cfg[k]) != _norm(v):
             if k in RESUME_MUTABLE:
                 cfg[k] = v
                 changed.append(k)
             else:
-                conflicts.append(f"{k}: saved {cfg[k]!r}, given {v!r}")
+                conflicts.append((k, cfg[k], v))
     reader = dict(saved["reader"])
     for k, v in given.get("reader", {}).items():
         if _norm(reader.get(k)) != _norm(v):
-            conflicts.append(f"reader option {k}: saved {reader.get(k)!r}, given {v!r}")
+            conflicts.append((f"reader.{k}", reader.get(k), v))
     data = {k: saved["data"].get(k) for k in ("train", "valid", "test")}
     for k, v in given.get("data", {}).items():
         if v is not None and data.get(k) is not None and Path(v).resolve() != Path(data[k]).resolve():
-            conflicts.append(f"{k} data: saved {data[k]}, given {v}")
+            conflicts.append((f"data.{k}", data[k], v))
     if conflicts:
-        raise ValueError(f"--resume: these settings differ from the saved run in {out_dir} and cannot change on "
-                         f"resume (only {', '.join(sorted(RESUME_MUTABLE))} can): " + "; ".join(conflicts))
+        raise ResumeConflict(
+            f"--resume: these settings differ from the saved run in {out_dir} and cannot change on resume (only "
+            f"{', '.join(sorted(RESUME_MUTABLE))} can): "
+            + "; ".join(f"{k}: saved {s!r}, given {g!r}" for k, s, g in conflicts), conflicts)
     return TrainConfig.from_dict(cfg), reader, data, changed
 
 
@@ -514,11 +532,20 @@ def _fit(train, valid, test, *, peers, out, resume, overwrite, reader, log, run_
 
 
 def _extends(out_dir: Path, cfg: TrainConfig) -> bool:
-    """Whether ``cfg`` asks a finished run for more training than it got."""
+    """Whether ``cfg`` asks a finished run for more training than it got: more epochs, a step limit
+    it stopped at raised (or lifted), or a patience it ran out of raised."""
     done = json.loads((out_dir / "finished.json").read_text())
+    s = done.get("summary", {})
     if cfg.regime == "finetune":
-        return cfg.finetune_epochs > done.get("finetune_epochs", cfg.finetune_epochs)
-    return cfg.epochs > done.get("epochs", cfg.epochs)
+        more_epochs = cfg.finetune_epochs > done.get("finetune_epochs", cfg.finetune_epochs)
+    else:
+        more_epochs = cfg.epochs > done.get("epochs", cfg.epochs)
+    stopped = s.get("stopped")
+    if stopped == "max_steps":
+        return cfg.max_steps is None or cfg.max_steps > int(s.get("steps", 0))
+    if stopped == "early_stopping":
+        return cfg.patience > int(done.get("patience", cfg.patience))
+    return more_epochs
 
 
 def _stopped(out_dir: Path) -> str:
@@ -553,7 +580,9 @@ def _train(s: Session, specs: list[PeerSpec], cfg: TrainConfig, out_dir: Path | 
         write_curves_csv(history, out_dir / "curves.csv")
         plot_curves(history, [p.label for p in specs], out_dir / "curves.png",
                     title=f"{'+'.join(p.label for p in specs)} ({cfg.mutual}, alpha={cfg.alpha})")
+        ckpt.fault_point("before_finished")
         ckpt.write_json(out_dir / "finished.json", {"epochs": cfg.epochs, "finetune_epochs": cfg.finetune_epochs,
+                                                    "patience": cfg.patience,
                                                     "summary": metrics["train"]})
     predictor = Predictor(final.group, s.prep.reader, cfg.use_dense, s.device, s.prep.vocab)
     return FitResult(metrics=metrics, predictor=predictor, out_dir=out_dir, history=list(history))

@@ -260,6 +260,23 @@ def _cli_message(msg: str) -> str:
     return msg
 
 
+def _resume_conflict_message(exc) -> str:
+    """A `ResumeConflict` in terms of the flags that set each setting."""
+    reader_dest = {k: (v if isinstance(v, str) else v[0]) for k, v in _READER_FLAGS.items()}
+    parts = []
+    for key, saved, given in exc.conflicts:
+        if key.startswith("reader."):
+            name = _flag(reader_dest.get(key[7:], key[7:]))
+        elif key.startswith("data."):
+            name = {"data.train": "DATA", "data.valid": "--valid", "data.test": "--test"}[key]
+        else:
+            name = _flag(_CONFIG_FLAGS.get(key, key))
+        parts.append(f"{name}: the run was trained with {saved!r}, given {given!r}")
+    return ("--resume continues the saved run with its own settings; only --epochs/--finetune-epochs, --max-steps, "
+            "--patience, --checkpoint-every, --device, --threads, --quiet and the CUDA-graph flags may change. "
+            "Differing: " + "; ".join(parts) + " (drop them, or start a new run with another --out)")
+
+
 def _train_config(a: argparse.Namespace):
     from mlfast.models import parse_peers
     from mlfast.train.config import TrainConfig
@@ -430,6 +447,35 @@ def cmd_predict(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(a: argparse.Namespace) -> int:
+    from mlfast.api import load_run
+    from mlfast.export import export_predictor, select_peers
+
+    if not Path(a.run).is_dir():
+        raise UsageError(f"run directory not found: {a.run}")
+    if Path(a.out).is_dir():
+        raise UsageError(f"--out {a.out} is a directory: give the file to write (e.g. {Path(a.out) / 'model.onnx'})")
+    if a.verify_rows < 1:
+        raise UsageError(f"--verify-rows {a.verify_rows}: expected >= 1")
+    if a.dynamo and a.format != "onnx":
+        raise UsageError("--dynamo chooses the ONNX exporter: it needs --format onnx")
+    if a.opset < 16:
+        raise UsageError(f"--opset {a.opset}: the bag pooling needs ScatterElements with reduction=add (opset 16+)")
+    if a.verify_data:
+        _existing_file(a.verify_data, "--verify-data file")
+    pred = load_run(a.run, device="cpu")
+    try:
+        select_peers(pred.labels, a.peer)
+    except ValueError as exc:
+        raise UsageError(f"--peer: {exc}")
+    r = export_predictor(pred, a.out, a.format, a.peer, verify=not a.no_verify, verify_rows=a.verify_rows,
+                         verify_data=a.verify_data, opset=a.opset, dynamo=a.dynamo, run_dir=a.run)
+    check = (f"matches mlfast predict within {r.max_abs_diff:.2g} on {r.verified_rows} rows"
+             if r.max_abs_diff is not None else "not verified (--no-verify)")
+    print(f"wrote {', '.join(str(f) for f in r.files)} ({a.format}, {a.peer}) and {r.sidecar_path}; {check}")
+    return 0
+
+
 def cmd_synth(a: argparse.Namespace) -> int:
     from mlfast.io.synth import synth_criteo
 
@@ -533,6 +579,28 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                        help="error: stop at the first malformed line; skip: drop and count it")
         q.set_defaults(func=func)
         subs[name] = q
+    x = sub.add_parser("export", help="write a run's peers as ONNX or TorchScript for serving without mlfast, "
+                                      "checked against mlfast predict")
+    x.add_argument("run", help="run directory written by mlfast train")
+    x.add_argument("--out", required=True, help="file to write (e.g. model.onnx); its sidecar <out>.json says "
+                                                "which inputs to feed")
+    x.add_argument("--format", choices=["onnx", "torchscript"], default="onnx",
+                   help="onnx (run with onnxruntime) or torchscript (torch.jit.load)")
+    x.add_argument("--peer", default="ensemble",
+                   help="ensemble (mean of the peers' probabilities), all (each peer, then the ensemble) or one "
+                        "peer's label")
+    x.add_argument("--no-verify", action="store_true",
+                   help="skip the check that the written file gives mlfast predict's probabilities (within 1e-5)")
+    x.add_argument("--verify-rows", type=int, default=256,
+                   help="rows the check scores (random valid ids, or the first rows of --verify-data)")
+    x.add_argument("--verify-data", help="check on this file's first rows (read as the run reads files) instead of "
+                                         "random valid ids")
+    x.add_argument("--opset", type=int, default=18, help="ONNX opset version (16 or later)")
+    x.add_argument("--dynamo", action="store_true",
+                   help="use PyTorch's torch.export-based ONNX exporter (needs onnxscript; required when the "
+                        "weights pass 1 GiB: they go to <out>.data) instead of the TorchScript-based one")
+    x.set_defaults(func=cmd_export)
+    subs["export"] = x
     s = sub.add_parser("synth", help="generate Criteo-format data from a hidden model")
     s.add_argument("paths", nargs="+", metavar="OUT", help="file to write (.gz compresses)")
     s.add_argument("--rows", type=int, default=1_000_000, help="rows to write")
@@ -586,7 +654,7 @@ def _setup_logging(level: str) -> None:
     root = logging.getLogger("mlfast")
     root.setLevel(logging.DEBUG)
     if not any(getattr(h, "_mlfast_console", False) for h in root.handlers):
-        h = logging.StreamHandler(sys.stderr)
+        h = _StderrHandler()
         h._mlfast_console = True  # type: ignore[attr-defined]
         h.setFormatter(_ConsoleFormat())
         root.addHandler(h)
@@ -594,6 +662,21 @@ def _setup_logging(level: str) -> None:
         if getattr(h, "_mlfast_console", False):
             h.setLevel(getattr(logging, level.upper()))
     root.propagate = False
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of each message (it may be replaced)."""
+
+    def __init__(self):
+        super().__init__()
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
 
 
 class _ConsoleFormat(logging.Formatter):
@@ -621,13 +704,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mlfast {ns.command}: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
     except Exception as exc:  # noqa: BLE001 - every error reaches the user as one line
-        from mlfast.api import RunExists
+        from mlfast.api import ResumeConflict, RunDirectoryError
         from mlfast.train.trainer import Interrupted
 
         if isinstance(exc, Interrupted):
             print(f"mlfast {ns.command}: {exc}", file=sys.stderr)
             return 128 + exc.signum
-        if isinstance(exc, RunExists):
+        if isinstance(exc, ResumeConflict):
+            print(f"mlfast {ns.command}: error: {_resume_conflict_message(exc)}", file=sys.stderr)
+            return EXIT_USAGE
+        if isinstance(exc, RunDirectoryError):
             print(f"mlfast {ns.command}: error: {exc}", file=sys.stderr)
             return EXIT_USAGE
         if isinstance(exc, (ValueError, OSError, RuntimeError, IndexError, KeyError)):

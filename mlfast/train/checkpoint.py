@@ -23,6 +23,26 @@ CHECKPOINT_VERSION = 2
 TMP_SUFFIX = ".tmp"
 
 
+_FAULT_COUNTS: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """Kill this process with SIGKILL here when ``MLFAST_FAULT_AT`` is ``name`` or ``name:N`` (the
+    N-th time this point is reached). The crash tests put kills where timing alone rarely lands:
+    inside a checkpoint write, between ``model.pt`` and ``finished.json``. A no-op otherwise."""
+    spec = os.environ.get("MLFAST_FAULT_AT")
+    if not spec:
+        return
+    target, _, nth = spec.partition(":")
+    if target != name:
+        return
+    _FAULT_COUNTS[name] = _FAULT_COUNTS.get(name, 0) + 1
+    if _FAULT_COUNTS[name] >= int(nth or 1):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _atomic_write(path: Path, write) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -31,6 +51,8 @@ def _atomic_write(path: Path, write) -> None:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
         with os.fdopen(fd, "wb") as f:
             write(f)
+            f.flush()
+            fault_point(f"write-{path.name}")
         # Atomic on POSIX: a reader (or a resume after a crash or Ctrl-C) sees the old file or the
         # new one, never half of one. No fsync: it doubled the cost of multi-GB table checkpoints,
         # and ext4 flushes a file replaced by rename before the rename itself.

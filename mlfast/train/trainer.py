@@ -171,6 +171,7 @@ class MutualTrainer:
         self.writer = ckpt.CheckpointWriter()
         self.listeners: list[Callable[[dict], None]] = []  # each history row, as logged (e.g. TensorBoard)
         self._stop_signal: int | None = None
+        self._extra_state: dict = {}
         self._warned_undefined = False
         self.finished_on_best = False
 
@@ -201,7 +202,8 @@ class MutualTrainer:
         """
         cfg = self.cfg
         out = Path(out_dir) if out_dir is not None else None
-        self._extra_state = extra_state or {}
+        if extra_state is not None:
+            self._extra_state = extra_state
         if out is not None:
             for f in ckpt.clean_stale_temporaries(out):
                 log.info("removed %s (left by an interrupted checkpoint write)", f)
@@ -465,6 +467,8 @@ class MutualTrainer:
             self.progress.stopped = ""  # a run cut short by --max-steps continues
         if self.progress.stopped == "completed" and self.progress.epoch < self.cfg.epochs:
             self.progress.stopped = ""  # --epochs raised: a finished run continues
+        if self.progress.stopped == "early_stopping" and self.progress.bad_evals < self.cfg.patience:
+            self.progress.stopped = ""  # --patience raised
         ckpt.set_rng_state(state["rng"])
         self.best = list(state["best"])
 
