@@ -2,7 +2,7 @@
 
 Shapes: ``v`` [B, F, D] embedding vectors, ``w`` [B, F] first-order weights, ``x`` [B, K] flat
 inputs. Initialisation follows FuxiCTR: Linear / CIN weights Xavier-normal with zero biases; the
-embedding table itself is initialised by ``base.FlatEmbedding``.
+embedding tables are the trainer's (``mlfast.train.tables``).
 
 Every block here has an independent loop-by-loop reference in ``tests/test_models.py``.
 """
@@ -14,6 +14,8 @@ from typing import Literal, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mlfast.ops.dropout import ReLUDropout
 
 BilinearType = Literal["field_all", "field_each", "field_interaction"]
 
@@ -70,6 +72,12 @@ class MLP(nn.Module):
     ``output_dim=None`` returns the last hidden layer (or the input itself when there is no hidden
     layer); ``hidden=()`` with ``output_dim=1`` is a plain linear layer over the input.
 
+    With ``dropout > 0``, ReLU and dropout run as one fused op (``mlfast.ops.dropout.ReLUDropout``,
+    shared by the hidden layers: each call advances its counter, so every layer and step gets its
+    own mask). Its RNG state (``dropout.seed``, ``dropout.counter``) is in the state_dict; the seed
+    is drawn from torch's generator after the Linear layers are initialised, so their initial
+    weights are what they were with ``nn.Dropout``.
+
     Example::
 
         >>> mlp = MLP(8, hidden=(16, 16), output_dim=1).eval()
@@ -93,16 +101,16 @@ class MLP(nn.Module):
         # rounding noise as gradient, which Adam turns into a random walk (FuxiCTR keeps it).
         self.linears = nn.ModuleList(linear(a, b, bias=not batch_norm) for a, b in zip(dims, dims[1:]))
         self.norms = nn.ModuleList(nn.BatchNorm1d(b) for b in dims[1:]) if batch_norm else nn.ModuleList()
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.out = linear(dims[-1], output_dim) if output_dim is not None else None
         self.output_dim = output_dim if output_dim is not None else dims[-1]
+        self.dropout = ReLUDropout(dropout) if dropout > 0 and len(self.linears) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i, lin in enumerate(self.linears):
             x = lin(x)
             if len(self.norms):
                 x = self.norms[i](x)
-            x = self.dropout(torch.relu(x))
+            x = self.dropout(x) if self.dropout is not None else torch.relu(x)
         return self.out(x) if self.out is not None else x
 
 
