@@ -1,9 +1,16 @@
-"""Helpers the benchmark scripts share: the machine description recorded with each table, and
-order-statistic quantiles (median, p20, p80) of a list of timings."""
+"""Helpers the benchmark scripts share: the machine description recorded with each table,
+order-statistic quantiles (median, p20, p80) of a list of timings, ONE timing method for kernels and
+their baselines (``time_ms``), the device-copy yardstick of the same bytes (``copy_ms``), and a JSON
+results file rewritten after every case (``ResultsFile``), so a run cut short keeps what it measured.
+"""
 from __future__ import annotations
 
+import json
 import os
 import platform
+import time
+from pathlib import Path
+from typing import Callable
 
 
 def quantile(xs: list[float], q: float) -> float:
@@ -22,3 +29,97 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     return f"{cpu}, {os.cpu_count()} CPUs, load average {load:.2f}"
+
+
+# Bigger than the L2 of any current GPU (H100 50 MB, H200 60 MB, B200 126 MB): zeroing it evicts
+# everything a previous repetition left in L2.
+FLUSH_BYTES = 256 << 20
+_flush_buffers: dict = {}
+
+
+def time_ms(fn: Callable[[], object], device: str = "cuda", graph: bool = False, flush: bool = True,
+            reps: int = 50, warmup: int = 5) -> tuple[float, float, float]:
+    """(median, p20, p80) milliseconds of ``fn``: the one method every kernel and baseline is timed with.
+
+    On CUDA each repetition is bracketed by its own pair of events, after an L2 flush (``flush``,
+    outside the bracket) so every repetition starts from DRAM; ``graph=True`` captures ``fn`` once
+    in a CUDA graph and times its replays (the trainer's step), so launch overhead is gone. The same
+    flag values must be used for the two sides of any comparison. On the CPU: wall-clock per call
+    (no flush, no graph; under the Triton interpreter these numbers only show the code runs).
+    """
+    if device != "cuda":
+        for _ in range(warmup):
+            fn()
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(1e3 * (time.perf_counter() - t0))
+        return quantile(ts, 0.5), quantile(ts, 0.2), quantile(ts, 0.8)
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    run = fn
+    if graph:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # allocator and lazy-init work happen outside the capture
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        run = g.replay
+        run()
+    buf = None
+    if flush:
+        dev = torch.cuda.current_device()
+        buf = _flush_buffers.get(dev)
+        if buf is None:
+            buf = _flush_buffers[dev] = torch.empty(FLUSH_BYTES, dtype=torch.int8, device="cuda")
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for s, e in zip(starts, ends):
+        if buf is not None:
+            buf.zero_()
+        s.record()
+        run()
+        e.record()
+    torch.cuda.synchronize()
+    ts = [s.elapsed_time(e) for s, e in zip(starts, ends)]
+    return quantile(ts, 0.5), quantile(ts, 0.2), quantile(ts, 0.8)
+
+
+def copy_ms(nbytes: int, device: str = "cuda", graph: bool = False, flush: bool = True, reps: int = 50,
+            warmup: int = 5) -> tuple[float, float, float]:
+    """``time_ms`` of a device-to-device copy that moves ``nbytes`` in all (``nbytes / 2`` read and
+    as many written): the yardstick for an operation whose counted traffic is ``nbytes``. Timed
+    like the operation (same ``graph`` / ``flush``), at the same size, so launch and tail effects
+    match: the fraction ``copy_ms / op_ms`` stays under 1 unless the operation moves its counted
+    bytes faster than a plain copy of them."""
+    import torch
+
+    n = max(1, nbytes // 2 // 4)
+    src = torch.empty(n, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    return time_ms(lambda: dst.copy_(src), device, graph, flush, reps, warmup)
+
+
+class ResultsFile:
+    """Rows of a benchmark run, rewritten as one JSON list after every ``add`` (write to a temporary
+    name, then rename: a run killed mid-write still leaves the previous complete file)."""
+
+    def __init__(self, path: str | os.PathLike | None):
+        self.path = Path(path) if path else None
+        self.rows: list[dict] = []
+
+    def add(self, row: dict) -> dict:
+        self.rows.append(row)
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text(json.dumps(self.rows, indent=1))
+            os.replace(tmp, self.path)
+        return row

@@ -25,6 +25,14 @@ KIND_IDS = {"kl": 0, "symkl": 1, "mse": 2}
 # in a fixed order (deterministic: no atomics anywhere).
 SINGLE_PROGRAM_MAX_B = 16384
 MAX_PARTIALS = 1024
+# The most peers one launch takes. The math has no limit (all peer sums are centred O(P) sums over
+# the padded peer axis), but registers do: a block step holds BLOCK_B x P_PAD elements, and the
+# launch heuristics keep that at 4096 (16 per thread of 8 warps) only while BLOCK_B can shrink,
+# i.e. down to its floor of 16 rows at P_PAD = 256. Above, the tile grows with P (on sm_90: 202
+# registers per thread at P = 512, the 255 ceiling at P = 1024). tests/test_kernel_compile.py
+# compiles P = MAX_PEERS for sm_90 without spills; test_kernel_mutual_loss checks it against the
+# reference.
+MAX_PEERS = 256
 
 # The math, per row b (the row index is dropped), with S = sum_i p_i, Z = sum_i z_i, their means
 # pbar = S / P, zbar = Z / P and qbar_i = 1 - p_i = sigmoid(-z_i):
@@ -175,8 +183,9 @@ def mutual_loss_forward(
     """
     if kind not in KIND_IDS:
         raise ValueError(f"unknown mutual loss {kind!r}; expected one of {', '.join(KIND_IDS)}")
-    if logits.ndim != 2 or not 1 <= logits.shape[1] <= 8:
-        raise ValueError(f"logits must be [B, P] with 1 <= P <= 8, got shape {tuple(logits.shape)}")
+    if logits.ndim != 2 or not 1 <= logits.shape[1] <= MAX_PEERS:
+        raise ValueError(f"logits must be [B, P] with 1 <= P <= MAX_PEERS = {MAX_PEERS}, got shape "
+                         f"{tuple(logits.shape)}")
     if not logits.is_floating_point():
         raise ValueError(f"logits must be a float tensor, got {logits.dtype}")
     B, P = logits.shape

@@ -1,9 +1,11 @@
-"""The fused interleaved lookups (mlfast.kernels.embedding_bag) and PeerTables against plain torch.
+"""The fused interleaved lookups (mlfast.kernels.embedding_bag) against plain torch.
 
-Forward lookups are compared with ``F.embedding`` on each peer's own table and bags with
-``nn.EmbeddingBag``; ``PeerTables`` (lookup + fused backward) with the ``cpu`` and ``reference``
-backends. Runs on CPU tensors through Triton's interpreter (conftest sets TRITON_INTERPRET=1 where
-there is no GPU) and on CUDA when present.
+One-hot lookups are compared with ``F.embedding`` and bags with ``nn.EmbeddingBag``, each on the
+peer's own columns of the table, in both layouts: packed (``col_offsets=None``) and aligned
+(``peer_offsets(widths, 4)``, rows of ``row_width(widths, 4)`` columns). The pad columns of an
+aligned table hold NaN: a kernel that read one into an output would fail every comparison. Runs on
+CPU tensors through Triton's interpreter (conftest sets TRITON_INTERPRET=1 where there is no GPU)
+and on CUDA when present.
 """
 from __future__ import annotations
 
@@ -23,12 +25,12 @@ pytest.importorskip("triton")
 import torch.nn.functional as F  # noqa: E402
 from conftest import assert_close  # noqa: E402
 
+import mlfast.kernels.embedding_bag as eb  # noqa: E402
 from mlfast.kernels.embedding_bag import (  # noqa: E402
-    embedding_bag_forward, embedding_forward, embedding_forward_tables, peer_offsets)
-from mlfast.train.tables import PeerTables  # noqa: E402
-from mlfast.ops.sparse_optim import SparseOptimConfig, SparseOptimState, sparse_update_reference  # noqa: E402
+    embedding_bag_forward, embedding_forward, peer_offsets, row_width)
 
 WIDTH_SETS = [(17, 16), (16,), (17, 16, 5, 9), (3, 64, 1)]
+LAYOUTS = ("packed", "aligned")
 
 
 @pytest.fixture
@@ -36,7 +38,37 @@ def device(kernel_device) -> torch.device:
     return kernel_device
 
 
-def _ids(gen, shape, V):
+def layout_of(widths, layout: str) -> tuple[int, tuple[int, ...] | None]:
+    """(row width, col_offsets argument) of ``layout``."""
+    if layout == "packed":
+        return row_width(widths), None
+    return row_width(widths, 4), peer_offsets(widths, 4)
+
+
+def pad_columns(widths, offsets, wtot: int) -> torch.Tensor:
+    """[wtot] bool: the columns that belong to no peer."""
+    pad = torch.ones(wtot, dtype=torch.bool)
+    for o, w in zip(offsets, widths):
+        pad[o:o + w] = False
+    return pad
+
+
+def make_table(gen, V: int, widths, layout: str, pad_value: float = float("nan")):
+    """(weight [V, Wtot] on the CPU, col_offsets argument, offsets): random peers' columns, pads =
+    ``pad_value``."""
+    wtot, col_offsets = layout_of(widths, layout)
+    offs = col_offsets or peer_offsets(widths)
+    w = torch.randn(V, wtot, generator=gen)
+    w[:, pad_columns(widths, offs, wtot)] = pad_value
+    return w, col_offsets, offs
+
+
+def split(weight, widths, offsets):
+    """Each peer's own table: the column slices."""
+    return [weight[:, o:o + w] for o, w in zip(offsets, widths)]
+
+
+def _ids(gen, shape, V, dtype=torch.int64):
     """Random ids with repeats, the last row of the table, and row 0."""
     ids = torch.randint(0, V, shape, generator=gen)
     flat = ids.view(-1)
@@ -44,52 +76,89 @@ def _ids(gen, shape, V):
     if flat.numel() > 2:
         flat[1] = V - 1
         flat[-1] = 0
-    return ids
+    return ids.to(dtype)
 
 
-def _split(weight, widths):
-    return [weight[:, o:o + w] for o, w in zip(peer_offsets(widths), widths)]
+# ---------------------------------------------------------------------------------------------
+# Layout helpers
+
+def test_peer_offsets_and_row_width():
+    assert peer_offsets((17, 16)) == (0, 17) and row_width((17, 16)) == 33
+    assert peer_offsets((17, 16), 4) == (0, 20) and row_width((17, 16), 4) == 36
+    assert peer_offsets((17, 16, 5, 9), 4) == (0, 20, 36, 44) and row_width((17, 16, 5, 9), 4) == 56
+    assert peer_offsets((3, 64, 1), 8) == (0, 8, 72) and row_width((3, 64, 1), 8) == 80
+    assert row_width((16,), 4) == 16
+    for ws in WIDTH_SETS:  # every aligned peer segment and row starts on a 16-byte boundary
+        assert row_width(ws, 4) % 4 == 0 and all(o % 4 == 0 for o in peer_offsets(ws, 4))
+        assert peer_offsets(ws, 1) == peer_offsets(ws) and row_width(ws, 1) == sum(ws)
+    with pytest.raises(ValueError, match="power of two"):
+        peer_offsets((17, 16), 3)
+
+
+def test_kernels_import_nothing_from_mlfast():
+    """kernels/ sits below mlfast: its launchers take plain tensors and scalars."""
+    import ast
+    import pathlib
+
+    for path in pathlib.Path(eb.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            assert not any(n == "mlfast" or n.startswith("mlfast.") for n in names), (path.name, names)
 
 
 # ---------------------------------------------------------------------------------------------
 # One-hot forward
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("widths", WIDTH_SETS)
-@pytest.mark.parametrize("B,F_", [(1, 1), (7, 39), (41, 3)])
-def test_forward_matches_per_peer_embedding(device, gen, widths, B, F_):
+@pytest.mark.parametrize("B,F_,ids_dtype", [(1, 1, torch.int64), (7, 39, torch.int32), (41, 3, torch.int64)])
+def test_forward_matches_per_peer_embedding(device, gen, layout, widths, B, F_, ids_dtype):
     V = 257
-    weight = torch.randn(V, sum(widths), generator=gen).to(device)
-    ids = _ids(gen, (B, F_), V).to(device)
-    outs = embedding_forward(weight, ids, widths)
+    weight, col_offsets, offs = make_table(gen, V, widths, layout)
+    ids = _ids(gen, (B, F_), V, ids_dtype)
+    outs = embedding_forward(weight.to(device), ids.to(device), widths, col_offsets)
     assert len(outs) == len(widths)
-    for out, table, w in zip(outs, _split(weight, widths), widths):
+    for out, table, w in zip(outs, split(weight, widths, offs), widths):
         assert out.shape == (B, F_, w) and out.is_contiguous() and out.dtype == torch.float32
-        torch.testing.assert_close(out, F.embedding(ids, table), rtol=0, atol=0)  # a copy: exact
+        torch.testing.assert_close(out.cpu(), F.embedding(ids.long(), table), rtol=0, atol=0)  # a copy: exact
 
 
-def test_forward_bf16_output_and_int32_ids(device, gen):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_forward_bf16_output_and_int32_ids(device, gen, layout):
     widths, V = (17, 16), 300
-    weight = torch.randn(V, 33, generator=gen).to(device)
-    ids = _ids(gen, (13, 39), V).to(device)
-    outs = embedding_forward(weight, ids.int(), widths, out_dtype=torch.bfloat16)
-    for out, table in zip(outs, _split(weight, widths)):
+    weight, col_offsets, offs = make_table(gen, V, widths, layout)
+    ids = _ids(gen, (13, 39), V)
+    outs = embedding_forward(weight.to(device), ids.int().to(device), widths, col_offsets, out_dtype=torch.bfloat16)
+    for out, table in zip(outs, split(weight, widths, offs)):
         assert out.dtype == torch.bfloat16
         assert_close(out, F.embedding(ids, table))
 
 
-def test_separate_tables_equal_interleaved(device, gen):
-    widths, V = (17, 16, 5), 99
-    weight = torch.randn(V, sum(widths), generator=gen).to(device)
-    ids = _ids(gen, (9, 11), V).to(device)
-    inter = embedding_forward(weight, ids, widths)
-    sep = embedding_forward_tables([t.contiguous() for t in _split(weight, widths)], ids)
-    for a, b in zip(inter, sep):
-        assert torch.equal(a, b)
+def test_forward_reads_the_ids_in_place(device, gen, monkeypatch):
+    """int32 and int64 ids reach the kernel as they are: no host-side conversion or copy."""
+    seen = []
+    kernel = eb._embedding_fwd_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append(args[1])
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(eb, "_embedding_fwd_kernel", Spy())
+    weight, col_offsets, _ = make_table(gen, 50, (17, 16), "aligned")
+    weight = weight.to(device)
+    for dtype in (torch.int32, torch.int64):
+        ids = _ids(gen, (6, 5), 50, dtype).to(device)
+        embedding_forward(weight, ids, (17, 16), col_offsets)
+        assert seen[-1].dtype == dtype and seen[-1].data_ptr() == ids.data_ptr()
 
 
 def test_forward_empty_batch(device):
-    outs = embedding_forward(torch.zeros(5, 33, device=device), torch.zeros(0, 39, dtype=torch.long, device=device),
-                             (17, 16))
+    outs = embedding_forward(torch.zeros(5, 36, device=device), torch.zeros(0, 39, dtype=torch.long, device=device),
+                             (17, 16), (0, 20))
     assert [tuple(o.shape) for o in outs] == [(0, 39, 17), (0, 39, 16)]
 
 
@@ -100,14 +169,44 @@ def test_forward_rejects_bad_layouts(device):
         embedding_forward(w, ids, (16, 16))
     with pytest.raises(ValueError, match="contiguous"):
         embedding_forward(w.t(), ids, (3, 2))
-    with pytest.raises(ValueError, match="int64"):
+    with pytest.raises(ValueError, match="int64 or int32"):
         embedding_forward(w, ids.float(), (17, 16))
+    with pytest.raises(ValueError, match="overlaps"):
+        embedding_forward(w, ids, (17, 16), (0, 16))  # peer 1 starts inside peer 0
+    with pytest.raises(ValueError, match="passes the row"):
+        embedding_forward(w, ids, (17, 16), (0, 20))  # 20 + 16 > 33 columns
+    with pytest.raises(ValueError, match="2 col_offsets for 1 peers"):
+        embedding_forward(w, ids, (17,), (0, 20))
+    with pytest.raises(TypeError, match="by keyword"):  # the old positional out_dtype
+        embedding_forward(w, ids, (17, 16), torch.bfloat16)
+
+
+@pytest.mark.parametrize("ids_dtype", [torch.int32, torch.int64])
+def test_forward_bounds_check(device, gen, ids_dtype):
+    """Checked mode: out-of-range ids read nothing (ids far outside any mapping would crash the
+    process or fault the GPU otherwise) and the first offending position is named; valid ids give
+    the unchecked result."""
+    widths, V = (17, 16), 40
+    weight, col_offsets, _ = make_table(gen, V, widths, "aligned")
+    weight = weight.to(device)
+    ids = _ids(gen, (6, 7), V, ids_dtype)
+    checked = embedding_forward(weight, ids.to(device), widths, col_offsets, bounds_check=True)
+    for a, b in zip(checked, embedding_forward(weight, ids.to(device), widths, col_offsets)):
+        assert torch.equal(a, b)
+    far = -2**31 if ids_dtype == torch.int32 else 2**40
+    for bad, value in (((2, 3), V), ((4, 0), -1), ((1, 6), far)):
+        wrong = ids.clone()
+        wrong[bad] = value
+        wrong[5, 5] = V + 7  # a later offender: not the one reported
+        msg = rf"ids\[{bad[0]}, {bad[1]}\] = {value} is out of range.*\[0, {V}\).*position {bad[0] * 7 + bad[1]}\b"
+        with pytest.raises(IndexError, match=msg):
+            embedding_forward(weight, wrong.to(device), widths, col_offsets, bounds_check=True)
 
 
 # ---------------------------------------------------------------------------------------------
 # Multi-hot bags
 
-def _bags(gen, n_bags, V, max_len):
+def _bags(gen, n_bags, V, max_len, dtype=torch.int64):
     """Random bag sizes in [0, max_len] (empty bags first, last and in the middle)."""
     sizes = torch.randint(0, max_len + 1, (n_bags,), generator=gen)
     sizes[0] = 0
@@ -118,44 +217,72 @@ def _bags(gen, n_bags, V, max_len):
     offsets = torch.zeros(n_bags + 1, dtype=torch.long)
     offsets[1:] = torch.cumsum(sizes, 0)
     indices = _ids(gen, (int(offsets[-1]),), V)
-    return indices, offsets
+    return indices.to(dtype), offsets.to(dtype)
 
 
-@pytest.mark.parametrize("widths", [(17, 16), (3, 64, 1)])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("widths,index_dtype", [((17, 16), torch.int32), ((3, 64, 1), torch.int64)])
 @pytest.mark.parametrize("mode,weighted", [("sum", False), ("sum", True), ("mean", False)])
-def test_bag_forward_matches_embedding_bag(device, gen, widths, mode, weighted):
-    V, n_bags = 211, 23
-    weight = torch.randn(V, sum(widths), generator=gen)
-    indices, offsets = _bags(gen, n_bags, V, max_len=37)  # 37 > BAG_CHUNK: several chunks per bag
+def test_bag_forward_matches_embedding_bag(device, gen, layout, widths, index_dtype, mode, weighted):
+    V, n_bags = 211, 11
+    weight, col_offsets, offs = make_table(gen, V, widths, layout)
+    indices, offsets = _bags(gen, n_bags, V, max_len=37, dtype=index_dtype)  # 37 > BAG_CHUNK: several chunks
     psw = torch.rand(indices.numel(), generator=gen) * 2 - 0.5 if weighted else None
-    outs = embedding_bag_forward(weight.to(device), indices.to(device), offsets.to(device), widths,
+    outs = embedding_bag_forward(weight.to(device), indices.to(device), offsets.to(device), widths, col_offsets,
                                  per_sample_weights=None if psw is None else psw.to(device), mode=mode)
-    for out, table, w in zip(outs, _split(weight, widths), widths):
+    for out, table, w in zip(outs, split(weight, widths, offs), widths):
         bag = torch.nn.EmbeddingBag.from_pretrained(table.contiguous(), mode=mode, include_last_offset=True)
-        ref = bag(indices, offsets, per_sample_weights=psw)
+        ref = bag(indices.long(), offsets.long(), per_sample_weights=psw)
         assert out.shape == (n_bags, w)
         assert_close(out, ref)
         assert torch.count_nonzero(out[0]) == 0 and torch.count_nonzero(out[-1]) == 0  # empty bags
 
 
-def test_bag_forward_bf16_and_all_empty(device, gen):
-    weight = torch.randn(50, 33, generator=gen)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_bag_forward_bf16_and_all_empty(device, gen, layout):
+    widths = (17, 16)
+    weight, col_offsets, offs = make_table(gen, 50, widths, layout)
     indices, offsets = _bags(gen, 9, 50, max_len=5)
-    a, b = embedding_bag_forward(weight.to(device), indices.to(device), offsets.to(device), (17, 16),
+    a, b = embedding_bag_forward(weight.to(device), indices.to(device), offsets.to(device), widths, col_offsets,
                                  out_dtype=torch.bfloat16)
-    ref = torch.nn.EmbeddingBag.from_pretrained(weight, mode="sum", include_last_offset=True)(indices, offsets)
+    packed = torch.cat(split(weight, widths, offs), 1)
+    ref = torch.nn.EmbeddingBag.from_pretrained(packed, mode="sum", include_last_offset=True)(indices, offsets)
     assert a.dtype == torch.bfloat16
     assert_close(torch.cat([a, b], 1), ref)
     empty = embedding_bag_forward(weight.to(device), torch.zeros(0, dtype=torch.long, device=device),
-                                  torch.zeros(4, dtype=torch.long, device=device), (17, 16), mode="mean")
+                                  torch.zeros(4, dtype=torch.long, device=device), widths, col_offsets, mode="mean")
     assert all(torch.count_nonzero(e) == 0 and e.shape[0] == 3 for e in empty)
 
 
-def test_bag_forward_rejects_weights_with_mean(device):
+def test_bag_forward_rejects_weights_with_mean_and_tensor_offsets(device):
     w = torch.zeros(5, 33, device=device)
     idx, off = torch.zeros(3, dtype=torch.long, device=device), torch.tensor([0, 3], device=device)
     with pytest.raises(ValueError, match="mode='sum'"):
         embedding_bag_forward(w, idx, off, (17, 16), per_sample_weights=torch.ones(3, device=device), mode="mean")
+    with pytest.raises(TypeError, match="by keyword"):  # the old positional per_sample_weights
+        embedding_bag_forward(w, idx, off, (17, 16), torch.ones(3, device=device))
+
+
+def test_bag_forward_bounds_check(device, gen):
+    widths, V = (17, 16), 30
+    weight, col_offsets, _ = make_table(gen, V, widths, "aligned")
+    weight = weight.to(device)
+    indices, offsets = _bags(gen, 8, V, max_len=6, dtype=torch.int32)
+    nnz = indices.numel()
+    ok = embedding_bag_forward(weight, indices.to(device), offsets.to(device), widths, col_offsets, mode="mean",
+                               bounds_check=True)
+    for a, b in zip(ok, embedding_bag_forward(weight, indices.to(device), offsets.to(device), widths, col_offsets,
+                                              mode="mean")):
+        assert torch.equal(a, b)
+    bad = indices.clone()
+    bad[3], bad[nnz - 1] = V, -2**31
+    with pytest.raises(IndexError, match=rf"indices\[3\] = {V} is out of range"):
+        embedding_bag_forward(weight, bad.to(device), offsets.to(device), widths, col_offsets, bounds_check=True)
+    for j, value in ((2, nnz + 5), (4, -1)):  # past nnz; below the previous offset
+        off = offsets.clone()
+        off[j] = value
+        with pytest.raises(IndexError, match=rf"offsets\[{j - 1}:{j + 1}\] = .* is not a bag"):
+            embedding_bag_forward(weight, indices.to(device), off.to(device), widths, col_offsets, bounds_check=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,237 +316,30 @@ def huge_table(rows: int, width: int, device: torch.device, dtype=torch.float32)
 
 
 def rows_past_2_31(width: int) -> tuple[int, torch.Tensor]:
-    """(table rows, interesting row ids) for a table of ``width`` columns."""
+    """(table rows, interesting row ids) for a table of ``width`` columns: every id fits int32."""
     b31, b32 = 2**31 // width, 2**32 // width
     V = b32 + 50
     rows = torch.cat([torch.arange(b31 - 3, b31 + 4), torch.arange(b32 - 3, b32 + 4), torch.tensor([V - 1])])
     return V, rows
 
 
-def test_forward_index_arithmetic_past_2_31(device, gen):
+@pytest.mark.parametrize("layout,ids_dtype", [("packed", torch.int64), ("aligned", torch.int32)])
+def test_forward_index_arithmetic_past_2_31(device, gen, layout, ids_dtype):
     widths = (17, 16)
-    V, rows = rows_past_2_31(33)
-    weight = huge_table(V, 33, device)
-    vals = torch.randn(rows.numel(), 33, generator=gen).to(device)
+    wtot, col_offsets = layout_of(widths, layout)
+    offs = col_offsets or peer_offsets(widths)
+    V, rows = rows_past_2_31(wtot)
+    weight = huge_table(V, wtot, device)
+    vals = torch.randn(rows.numel(), wtot, generator=gen).to(device)
     weight[rows.to(device)] = vals
-    assert (V - 1) * 33 > 2**32
+    assert (V - 1) * wtot > 2**32 and V < 2**31
     perm = torch.randperm(rows.numel(), generator=gen)
-    ids = rows[perm].repeat(4).view(4, -1).to(device)
-    a, b = embedding_forward(weight, ids, widths)
-    expect = vals[perm.to(device)].repeat(4, 1).view(4, -1, 33)
-    assert torch.equal(a, expect[..., :17]) and torch.equal(b, expect[..., 17:])
+    ids = rows[perm].repeat(4).view(4, -1).to(ids_dtype).to(device)
+    a, b = embedding_forward(weight, ids, widths, col_offsets)
+    expect = vals[perm.to(device)].repeat(4, 1).view(4, -1, wtot)
+    assert torch.equal(a, expect[..., offs[0]:offs[0] + 17]) and torch.equal(b, expect[..., offs[1]:offs[1] + 16])
     idx = ids.reshape(-1)
-    off = torch.arange(0, idx.numel() + 1, 2, device=device)
-    pooled = embedding_bag_forward(weight, idx, off, widths)
-    ref = expect.reshape(-1, 2, 33).sum(1)
-    assert_close(torch.cat(pooled, 1), ref)
-
-
-# ---------------------------------------------------------------------------------------------
-# PeerTables: lookup + fused backward through autograd
-
-def _loss(outs, gen_weights):
-    """A loss whose gradient differs per element (grad_output != 1) and per peer."""
-    return sum((o * gw).sum() for o, gw in zip(outs, gen_weights))
-
-
-@pytest.mark.parametrize("kind", ["sgd", "adagrad", "adam"])
-@pytest.mark.parametrize("deterministic", [True, False])
-def test_peer_tables_train_like_reference(device, gen, kind, deterministic):
-    widths, V, B, F_ = (17, 16, 5), 120, 6, 13
-    peers = [torch.randn(V, w, generator=gen) * 0.1 for w in widths]
-    cfg = SparseOptimConfig(kind, lr=0.05, weight_decay=1e-3)
-    fused = PeerTables.from_peer_weights([p.to(device) for p in peers], cfg, labels=("deepfm", "dcn", "lr"),
-                                         backend="triton", deterministic=deterministic)
-    ref = PeerTables.from_peer_weights(peers, cfg, backend="reference")
-    for step in range(3):
-        ids = _ids(gen, (B, F_), V)
-        gw = [torch.randn(B, F_, w, generator=gen) for w in widths]
-        _loss(fused.lookup(ids.to(device)), [g.to(device) for g in gw]).backward()
-        _loss(ref.lookup(ids), gw).backward()
-        if step == 1:
-            fused.set_lr(0.02)
-            ref.set_lr(0.02)
-    assert fused.step_count == ref.step_count == 3
-    assert_close(fused.weight, ref.weight)
-    for p, label in enumerate(fused.labels):
-        assert_close(fused.peer_weight(label), ref.peer_weight(p))
-
-
-def test_peer_tables_unused_peer_and_no_grad_lookup(device, gen):
-    """A peer whose output gets no gradient still has its touched rows decayed/moved like a zero
-    gradient (the reference semantics); a lookup without gradients changes nothing."""
-    widths, V = (17, 16), 64
-    peers = [torch.randn(V, w, generator=gen) for w in widths]
-    cfg = SparseOptimConfig("adam", lr=0.1, weight_decay=0.01)
-    fused = PeerTables.from_peer_weights([p.to(device) for p in peers], cfg)
-    fused_tr = PeerTables.from_peer_weights([p.to(device) for p in peers], cfg, backend="triton")
-    ref = PeerTables.from_peer_weights(peers, cfg, backend="reference")
-    ids = _ids(gen, (5, 7), V)
-    before = fused.weight.clone()
-    with torch.no_grad():
-        fused.lookup(ids.to(device))
-    fused.lookup(ids.to(device), requires_grad=False)
-    assert torch.equal(fused.weight, before) and fused.step_count == 0
-    for t, i in ((fused_tr, ids.to(device)), (ref, ids)):
-        a, _ = t.lookup(i)
-        (3.0 * a.sum()).backward()
-    assert_close(fused_tr.weight, ref.weight)
-    assert not torch.equal(ref.weight[:, 17:], torch.cat(peers, 1)[:, 17:])  # decay moved the dcn rows
-
-
-def test_peer_tables_checkpoint_round_trip(device, gen):
-    widths, V = (17, 16), 200
-    cfg = SparseOptimConfig("adam", lr=0.05)
-    a = PeerTables.create(V, widths, cfg, device=device, generator=gen, backend="triton")
-    batches = [(_ids(gen, (4, 9), V), [torch.randn(4, 9, w, generator=gen) for w in widths]) for _ in range(4)]
-
-    def train(t, bs):
-        for ids, gw in bs:
-            _loss(t.lookup(ids.to(device)), [g.to(device) for g in gw]).backward()
-
-    train(a, batches[:2])
-    def snapshot(v):
-        if isinstance(v, dict):
-            return {k: snapshot(x) for k, x in v.items()}
-        return v.clone() if isinstance(v, torch.Tensor) else v
-
-    sd = snapshot(a.state_dict())
-    # what the trainer's checkpoint holds: no weight (the peers' weights are stored already), and
-    # only the rows with state (72 lookups touch under half of the 200 rows)
-    compact = snapshot(a.state_dict(weight=False, compact=True))
-    assert "weight" not in compact and isinstance(compact["exp_avg_sq"], dict)
-    assert compact["exp_avg"]["rows"].numel() < V // 2
-    peer_weights = [a.peer_weight(p).clone() for p in range(2)]
-    b = PeerTables.create(V, widths, cfg, device=device, backend="triton")
-    b.load_state_dict(sd)
-    assert b.step_count == 2
-    c = PeerTables.create(V, widths, cfg, device=device, backend="triton")
-    c.state.exp_avg.fill_(7.0)  # stale state must be cleared, not kept, in rows the checkpoint omits
-    for p, w in enumerate(peer_weights):
-        c.set_peer_weight(p, w)
-    c.load_state_dict(compact)
-    train(a, batches[2:])
-    train(b, batches[2:])
-    train(c, batches[2:])
-    for t in (b, c):
-        assert torch.equal(a.weight, t.weight)
-        assert torch.equal(a.state.exp_avg, t.state.exp_avg)
-        assert torch.equal(a.state.exp_avg_sq, t.state.exp_avg_sq)
-    # per-model tables in and out
-    b.set_peer_weight("peer1", torch.zeros(V, 16, device=device))
-    assert torch.count_nonzero(b.peer_weight(1)) == 0 and torch.equal(b.peer_weight(0), a.peer_weight(0))
-    with pytest.raises(ValueError, match="widths"):
-        PeerTables.create(V, (16, 16), cfg, device=device).load_state_dict(sd)
-    with pytest.raises(ValueError, match="must be"):
-        b.set_peer_weight(0, torch.zeros(V, 16, device=device))
-
-
-# ---------------------------------------------------------------------------------------------
-# PeerTables bags: pooled lookup + fused backward, against nn.functional.embedding_bag + autograd
-
-def _reference_bag_step(table, widths, indices, offsets, psw, mode, gw, state, cfg):
-    """One step the plain way: per-peer ``F.embedding_bag`` on dense parameters, autograd's dense
-    table gradient, then the reference sparse optimizer on the touched rows."""
-    params = [torch.nn.Parameter(t.clone()) for t in _split(table, widths)]
-    outs = [F.embedding_bag(indices, p, offsets, mode=mode, per_sample_weights=psw,
-                                              include_last_offset=True) for p in params]
-    grads = torch.autograd.grad(_loss(outs, gw), params)
-    touched = torch.unique(indices)
-    sparse_update_reference(table, touched, torch.cat([g[touched] for g in grads], 1), state, cfg)
-    return outs
-
-
-@pytest.mark.parametrize("backend", ["triton", "cpu", "reference"])
-@pytest.mark.parametrize("kind", ["sgd", "adagrad", "adam"])
-@pytest.mark.parametrize("mode,weighted", [("sum", False), ("sum", True), ("mean", False)])
-def test_peer_tables_bags_train_like_embedding_bag(device, gen, backend, kind, mode, weighted):
-    if backend == "cpu" and device.type != "cpu":
-        pytest.skip("the numba backend runs on CPU tensors")
-    widths, V, n_bags = (17, 16, 5), 90, 11
-    peers = [torch.randn(V, w, generator=gen) * 0.1 for w in widths]
-    cfg = SparseOptimConfig(kind, lr=0.05, weight_decay=1e-3)
-    fused = PeerTables.from_peer_weights([p.to(device) for p in peers], cfg, backend=backend)
-    table = torch.cat(peers, 1).contiguous()
-    state = SparseOptimState.create(table, cfg, widths)
-    for step in range(3):
-        indices, offsets = _bags(gen, n_bags, V, max_len=20)  # repeats, empty bags, > BAG_CHUNK members
-        psw = torch.rand(indices.numel(), generator=gen) * 2 - 0.5 if weighted else None
-        gw = [torch.randn(n_bags, w, generator=gen) for w in widths]
-        outs = fused.lookup_bags(indices.to(device), offsets.to(device),
-                                 None if psw is None else psw.to(device), mode=mode)
-        ref_outs = _reference_bag_step(table, widths, indices, offsets, psw, mode, gw, state, cfg)
-        for o, r in zip(outs, ref_outs):
-            assert_close(o, r.detach())
-        _loss(outs, [g.to(device) for g in gw]).backward()
-        assert_close(fused.weight, table, msg=f"step {step}")
-    assert fused.step_count == state.step == 3
-    assert not torch.equal(table, torch.cat(peers, 1))
-
-
-def test_peer_tables_bags_unused_peer_no_grad_and_empty(device, gen):
-    widths, V = (17, 16), 40
-    peers = [torch.randn(V, w, generator=gen) for w in widths]
-    cfg = SparseOptimConfig("adam", lr=0.1)
-    t = PeerTables.from_peer_weights([p.to(device) for p in peers], cfg, backend="triton")
-    indices, offsets = _bags(gen, 6, V, max_len=4)
-    before = t.weight.clone()
-    a, b = t.lookup_bags(indices.to(device), offsets.to(device), requires_grad=False)
-    assert torch.equal(t.weight, before) and t.step_count == 0 and a.shape == (6, 17)
-    a, _ = t.lookup_bags(indices.to(device), offsets.to(device))
-    (2.0 * a.sum()).backward()  # dcn's output unused: its member rows see a zero gradient
-    touched = torch.unique(indices).to(device)
-    moved = (t.weight != before).any(1)
-    assert moved.nonzero().flatten().tolist() == touched.tolist()  # exactly the member rows moved
-    assert torch.equal(t.weight[:, 17:], before[:, 17:])  # adam with zero gradient and no decay: no move
-    e = t.lookup_bags(torch.zeros(0, dtype=torch.long, device=device),
-                      torch.zeros(4, dtype=torch.long, device=device), mode="mean")
-    assert [x.shape for x in e] == [(3, 17), (3, 16)] and all(torch.count_nonzero(x) == 0 for x in e)
-    sum(x.sum() for x in e).backward()
-    assert t.step_count == 2  # an all-empty batch is still one optimizer step
-    with pytest.raises(ValueError, match="mode='sum'"):
-        t.lookup_bags(indices.to(device), offsets.to(device), torch.ones(indices.numel(), device=device), mode="mean")
-
-
-# ---------------------------------------------------------------------------------------------
-# PeerTables one-hot + bag fields together: what a model with multi-hot fields reads
-
-@pytest.mark.parametrize("backend", ["triton", "cpu", "reference"])
-@pytest.mark.parametrize("kind", ["sgd", "adagrad", "adam"])
-def test_peer_tables_fields_train_like_embedding_and_embedding_bag(device, gen, backend, kind):
-    """[B, F + S, W] = one-hot rows then each bag field's mean row, and ONE optimizer step over
-    every touched row (one-hot and bag members together, repeats summed), as F.embedding +
-    F.embedding_bag on dense parameters, autograd and the reference sparse optimizer."""
-    if backend == "cpu" and device.type != "cpu":
-        pytest.skip("the numba backend runs on CPU tensors")
-    widths, V, B, F_, S = (17, 16), 70, 9, 3, 2
-    peers = [torch.randn(V, w, generator=gen) * 0.1 for w in widths]
-    cfg = SparseOptimConfig(kind, lr=0.05, weight_decay=1e-3)
-    fused = PeerTables.from_peer_weights([p.to(device) for p in peers], cfg, backend=backend)
-    table = torch.cat(peers, 1).contiguous()
-    state = SparseOptimState.create(table, cfg, widths)
-    for step in range(3):
-        ids = _ids(gen, (B, F_), V)
-        ids[1] = ids[0]  # repeated one-hot rows
-        bags = [_bags(gen, B, V, max_len=6)[::-1] for _ in range(S)]  # (offsets, values) per field
-        bags[1][1][:2] = ids[0, 0]  # a row that is both a one-hot id and a bag member
-        gw = [torch.randn(B, F_ + S, w, generator=gen) for w in widths]
-        outs = fused.lookup_fields(ids.to(device), [(o.to(device), v.to(device)) for o, v in bags])
-        params = [torch.nn.Parameter(t.clone()) for t in _split(table, widths)]
-        ref = [torch.cat([F.embedding(ids, p), torch.stack(
-            [F.embedding_bag(v, p, o, mode="mean", include_last_offset=True) for o, v in bags], 1)], 1)
-            for p in params]
-        grads = torch.autograd.grad(_loss(ref, gw), params)
-        touched = torch.unique(torch.cat([ids.reshape(-1), *(v for _, v in bags)]))
-        sparse_update_reference(table, touched, torch.cat([g[touched] for g in grads], 1), state, cfg)
-        for o, r in zip(outs, ref):
-            assert o.shape == (B, F_ + S, o.shape[-1])
-            assert_close(o, r.detach())
-        _loss(outs, [g.to(device) for g in gw]).backward()
-        assert_close(fused.weight, table, msg=f"step {step}")
-    assert fused.step_count == state.step == 3  # one step per lookup, not one per field
-    no_grad = fused.lookup_fields(ids.to(device), [(o.to(device), v.to(device)) for o, v in bags],
-                                  requires_grad=False)
-    assert fused.step_count == 3 and no_grad[0].shape == (B, F_ + S, 17)
-    with pytest.raises(ValueError, match="offsets"):
-        fused.lookup_fields(ids.to(device), [(bags[0][0][:-1].to(device), bags[0][1].to(device))])
+    off = torch.arange(0, idx.numel() + 1, 2, device=device).to(ids_dtype)
+    pooled = embedding_bag_forward(weight, idx, off, widths, col_offsets)
+    ref = expect.reshape(-1, 2, wtot).sum(1)
+    assert_close(torch.cat(pooled, 1), torch.cat(split(ref, widths, offs), 1))

@@ -44,7 +44,12 @@ def init_rows(seed: int, rows: np.ndarray, width: int, std: float = EMBEDDING_IN
 
 @nb.njit(cache=True)
 def _new_rows(ids, live, out):  # pragma: no cover - numba
-    """Rows of ``ids`` not yet live, each once (marked live here); returns how many."""
+    """Rows of ``ids`` not yet live, each once (marked live here); returns how many, or -1 - i
+    when ids[i] is outside the table (nothing is marked then)."""
+    V = live.shape[0]
+    for i in range(ids.shape[0]):
+        if ids[i] < 0 or ids[i] >= V:
+            return -1 - i
     k = 0
     for i in range(ids.shape[0]):
         r = ids[i]
@@ -171,6 +176,9 @@ class PeerTables(_TableBase):
         flat = ids.reshape(-1).numpy()
         new = np.empty(len(flat), np.int64)
         k = _new_rows(flat, self._live, new)
+        if k < 0:  # checked anyway (it costs nothing here): a wild id must not write outside the bitmap
+            i = -1 - k
+            raise IndexError(f"id {int(flat[i])} at position {i} is outside the table's rows [0, {self.num_rows})")
         if k:
             self._init_rows(new[:k])
 
