@@ -10,6 +10,7 @@
 #include <mutex>
 #include <string>
 
+#include "arrow_batch.hpp"
 #include "checksum.hpp"
 #include "reader.hpp"
 
@@ -20,6 +21,7 @@ namespace mlfast {
 namespace {
 
 PyObject* g_parse_failure = nullptr;  // mlfast._native.ParseFailure (a ValueError)
+PyObject* g_corrupt_input = nullptr;  // mlfast._native.CorruptInput (a ValueError)
 
 Kind kind_from_name(const std::string& s) {
   if (s == "ignore") return Kind::kIgnore;
@@ -176,6 +178,98 @@ class PyChecksum {
   Checksum sum_;
 };
 
+ArrowType arrow_type_from_name(const std::string& s) {
+  static const std::pair<const char*, ArrowType> kNames[] = {
+      {"null", ArrowType::kNull},       {"bool", ArrowType::kBool},         {"int8", ArrowType::kInt8},
+      {"int16", ArrowType::kInt16},     {"int32", ArrowType::kInt32},       {"int64", ArrowType::kInt64},
+      {"uint8", ArrowType::kUInt8},     {"uint16", ArrowType::kUInt16},     {"uint32", ArrowType::kUInt32},
+      {"uint64", ArrowType::kUInt64},   {"float32", ArrowType::kFloat32},   {"float64", ArrowType::kFloat64},
+      {"utf8", ArrowType::kUtf8},       {"large_utf8", ArrowType::kLargeUtf8}, {"list", ArrowType::kList},
+      {"large_list", ArrowType::kLargeList}};
+  for (const auto& [name, t] : kNames)
+    if (s == name) return t;
+  throw std::invalid_argument("unknown Arrow column type '" + s + "'");
+}
+
+// An Arrow array described as (type, length, offset, validity, offsets, data, child): buffers are
+// objects with the buffer protocol (pyarrow.Buffer) or None; child is a list's values, or None.
+// The views stay open (and the buffers alive) as long as `views` holds them.
+std::unique_ptr<ArrowColumn> arrow_column(const py::handle& desc, std::vector<std::unique_ptr<BufferView>>* views) {
+  const auto t = desc.cast<py::tuple>();
+  if (t.size() != 7)
+    throw std::invalid_argument("an Arrow column is (type, length, offset, validity, offsets, data, child)");
+  auto col = std::make_unique<ArrowColumn>();
+  col->type = arrow_type_from_name(t[0].cast<std::string>());
+  col->length = t[1].cast<int64_t>();
+  col->offset = t[2].cast<int64_t>();
+  ByteSpan* spans[3] = {&col->validity, &col->offsets, &col->data};
+  for (int k = 0; k < 3; ++k) {
+    const py::object b = t[3 + k];
+    if (b.is_none()) continue;
+    views->push_back(std::make_unique<BufferView>(b));
+    *spans[k] = ByteSpan{views->back()->data(), views->back()->size()};
+  }
+  if (!t[6].is_none()) col->child = arrow_column(t[6], views);
+  return col;
+}
+
+class PyArrowParser {
+ public:
+  explicit PyArrowParser(const py::dict& spec) : parser_(spec_from_dict(spec)) {}
+  // accumulate: parse into the parser's own chunk (no dict), which finish() hands out: a whole
+  // file's batches end in one set of buffers, grown in place, with no concatenation.
+  py::object parse(const py::list& columns, int64_t rows, int64_t first_row, bool accumulate) {
+    std::vector<std::unique_ptr<BufferView>> views;
+    std::vector<std::unique_ptr<ArrowColumn>> owned;
+    std::vector<const ArrowColumn*> cols;
+    for (const py::handle item : columns) {
+      if (item.is_none()) {
+        cols.push_back(nullptr);
+        continue;
+      }
+      owned.push_back(arrow_column(item, &views));
+      cols.push_back(owned.back().get());
+    }
+    Chunk c = parser_.new_chunk();
+    {
+      py::gil_scoped_release nogil;
+      std::lock_guard<std::mutex> lock(mu_);
+      if (accumulate) {
+        if (!acc_) acc_ = std::make_unique<Chunk>(parser_.new_chunk());
+        parser_.parse(cols, rows, first_row, acc_.get());
+        acc_->end_line = first_row + rows;
+        return py::none();
+      }
+      parser_.parse(cols, rows, first_row, &c);
+      shrink(&c);
+    }
+    return chunk_to_dict(c, parser_.spec());
+  }
+  py::dict finish(int64_t first_row) {
+    Chunk c = acc_ ? std::move(*acc_) : parser_.new_chunk();
+    acc_.reset();
+    if (c.first_line == 0) c.first_line = c.end_line = first_row;
+    {
+      py::gil_scoped_release nogil;
+      shrink(&c);
+    }
+    return chunk_to_dict(c, parser_.spec());
+  }
+
+ private:
+  static void shrink(Chunk* c) {
+    c->labels.shrink_to(c->rows);
+    c->dense.shrink_to(c->rows);
+    c->missing.shrink_to(c->rows);
+    c->sparse.shrink_to(c->rows);
+    c->bag_lengths.shrink_to(c->rows);
+    for (BagValues& b : c->bags) b.shrink();
+  }
+  std::mutex mu_;
+  ArrowBatchParser parser_;
+  std::unique_ptr<Chunk> acc_;
+};
+
 py::tuple parse_value(const std::string& kind, const py::bytes& data) {
   std::string s = data;
   const size_t n = s.size();
@@ -240,6 +334,8 @@ PYBIND11_MODULE(_native, m) {
 
   g_parse_failure = PyErr_NewException("mlfast._native.ParseFailure", PyExc_ValueError, nullptr);
   m.attr("ParseFailure") = py::handle(g_parse_failure);  // the module keeps a reference
+  g_corrupt_input = PyErr_NewException("mlfast._native.CorruptInput", PyExc_ValueError, nullptr);
+  m.attr("CorruptInput") = py::handle(g_corrupt_input);
 
   py::register_exception_translator([](std::exception_ptr p) {
     try {
@@ -254,7 +350,10 @@ PYBIND11_MODULE(_native, m) {
                            .attr("OSError")(e.err, std::string(std::strerror(e.err)) + " (" + e.detail + ")", e.path);
       PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(exc.ptr())), exc.ptr());
     } catch (const FormatError& e) {
-      PyErr_SetString(PyExc_ValueError, e.what());
+      py::tuple args = py::make_tuple(e.msg, e.path, e.offset < 0 ? py::object(py::none()) : py::int_(e.offset),
+                                      e.decompressed < 0 ? py::object(py::none()) : py::int_(e.decompressed),
+                                      e.line < 0 ? py::object(py::none()) : py::int_(e.line));
+      PyErr_SetObject(g_corrupt_input, args.ptr());
     }
   });
 
@@ -270,6 +369,29 @@ PYBIND11_MODULE(_native, m) {
            "Parse the next block of lines into a dict of arrays; None at the end of the input.")
       .def("read_all", &PyReader::read_all, "Parse everything left into one dict of arrays.")
       .def_property_readonly("next_line", &PyReader::next_line);
+
+  py::class_<PyArrowParser>(m, "ArrowParser",
+                            "Parser of Arrow record batches under a reader spec (see mlfast/io/arrow.py).")
+      .def(py::init<const py::dict&>(), "spec"_a)
+      .def("parse", &PyArrowParser::parse, "columns"_a, "rows"_a, "first_row"_a, "accumulate"_a = false,
+           "Parse one batch (one column description or None per spec column) into a dict of arrays "
+           "(accumulate=True: into the parser's own chunk, returning None; finish() hands it out).")
+      .def("finish", &PyArrowParser::finish, "first_row"_a = 1,
+           "The batches parsed with accumulate=True, as one dict of arrays (empty if none).");
+
+  m.def(
+      "read_head",
+      [](const std::string& path, size_t max_bytes) {
+        bool gzip = false;
+        std::string head;
+        {
+          py::gil_scoped_release nogil;
+          head = read_head(path, max_bytes, &gzip);
+        }
+        return py::make_tuple(py::bytes(head), gzip);
+      },
+      "path"_a, "max_bytes"_a,
+      "(first max_bytes bytes of the content, is_gzip): decompressed through the reader's own source.");
 
   py::class_<PyChecksum>(m, "Checksum", "Streaming cache checksum (see csrc/checksum.hpp).")
       .def(py::init<>())

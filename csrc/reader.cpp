@@ -161,46 +161,131 @@ class FileSource final : public Source {
   std::string path_;
 };
 
+// Gzip through zlib's inflate on our own input buffer (not gzread), so that every kind of damage
+// is found and located: a bad header, bad deflate data, a CRC or length mismatch in a member's
+// trailer, a stream that stops mid-member (truncated), and bytes after the last member that are
+// neither another member nor zero padding. Members are concatenated, as gzip(1) does.
 class GzipSource final : public Source {
  public:
-  GzipSource(int fd, std::string path) : path_(std::move(path)) {
-    gz_ = gzdopen(fd, "rb");
-    if (gz_ == nullptr) {
-      ::close(fd);
+  GzipSource(int fd, std::string path) : fd_(fd), path_(std::move(path)), in_(kInBytes) {
+    std::memset(&zs_, 0, sizeof zs_);
+    if (inflateInit2(&zs_, 15 + 16) != Z_OK) {  // 16: gzip wrapper only (header, CRC-32, ISIZE)
+      ::close(fd_);
       throw std::bad_alloc();
     }
-    gzbuffer(gz_, 1 << 20);
   }
-  ~GzipSource() override { gzclose(gz_); }
+  ~GzipSource() override {
+    inflateEnd(&zs_);
+    ::close(fd_);
+  }
   size_t read(char* dst, size_t n) override {
     size_t got = 0;
-    while (got < n) {
-      const unsigned want = static_cast<unsigned>(std::min(n - got, size_t(1) << 30));
-      const int r = gzread(gz_, dst + got, want);
-      if (r < 0) raise();
-      got += static_cast<size_t>(r);
-      if (static_cast<unsigned>(r) < want) {
-        // A short read is the end of the data, or a stream that stops mid-member.
-        int code = Z_OK;
-        gzerror(gz_, &code);
-        if (code != Z_OK) raise();
+    while (got < n && !done_) {
+      if (zs_.avail_in == 0 && !refill()) {
+        if (in_member_) raise_truncated(dst, got);
+        done_ = true;
         break;
       }
+      if (!in_member_) {  // between members: another one, zero padding, or trailing garbage
+        if (!next_member(dst, got)) break;
+        continue;
+      }
+      const size_t want = std::min(n - got, size_t(1) << 30);
+      zs_.next_out = reinterpret_cast<Bytef*>(dst + got);
+      zs_.avail_out = static_cast<uInt>(want);
+      const int rc = inflate(&zs_, Z_NO_FLUSH);
+      got += want - zs_.avail_out;
+      if (rc == Z_STREAM_END) {
+        in_member_ = false;
+      } else if (rc == Z_BUF_ERROR && zs_.avail_in == 0) {
+        continue;  // needs more input (refilled above; the end of the file there is a truncation)
+      } else if (rc == Z_MEM_ERROR) {
+        throw std::bad_alloc();
+      } else if (rc != Z_OK) {
+        raise(dst, got, "corrupt gzip data", zs_.msg ? zs_.msg : zError(rc));
+      }
     }
+    account(dst, got);
     return got;
   }
 
  private:
-  [[noreturn]] void raise() {
-    int code = Z_OK;
-    const char* msg = gzerror(gz_, &code);
-    if (code == Z_ERRNO) throw IoError(errno, path_, "read");
-    if (code == Z_BUF_ERROR)
-      throw FormatError(path_ + ": truncated gzip data (the compressed stream ends mid-member)");
-    throw FormatError(path_ + ": corrupt gzip data: " + (msg ? msg : "unknown zlib error"));
+  static constexpr size_t kInBytes = size_t(1) << 20;
+
+  // More compressed input; false at the end of the file.
+  bool refill() {
+    if (eof_) return false;
+    for (;;) {
+      const ssize_t r = ::read(fd_, in_.data(), in_.size());
+      if (r < 0) {
+        if (errno == EINTR) continue;
+        throw IoError(errno, path_, "read");
+      }
+      if (r == 0) {
+        eof_ = true;
+        return false;
+      }
+      file_pos_ += static_cast<uint64_t>(r);
+      zs_.next_in = in_.data();
+      zs_.avail_in = static_cast<uInt>(r);
+      return true;
+    }
   }
-  gzFile gz_ = nullptr;
+  uint64_t offset() const { return file_pos_ - zs_.avail_in; }  // of the next unconsumed byte
+
+  // A member just ended and input follows: false when the rest of the file is zero padding.
+  bool next_member(const char* dst, size_t got) {
+    if (zs_.next_in[0] == 0) {
+      // Zero padding (tape blocks, preallocated files): allowed, but only zeros to the end.
+      do {
+        for (uInt i = 0; i < zs_.avail_in; ++i)
+          if (zs_.next_in[i] != 0) {
+            zs_.avail_in -= i;
+            zs_.next_in += i;
+            raise(dst, got, "trailing data after the end of the gzip stream", "neither a gzip member nor zeros");
+          }
+        zs_.avail_in = 0;
+      } while (refill());
+      done_ = true;
+      return false;
+    }
+    if (zs_.next_in[0] != 0x1f) raise(dst, got, "trailing data after the end of the gzip stream", "not a gzip member");
+    if (inflateReset(&zs_) != Z_OK) raise(dst, got, "corrupt gzip data", "inflateReset failed");
+    in_member_ = true;  // inflate checks the rest of the header (0x8b, method, flags)
+    return true;
+  }
+
+  void account(const char* dst, size_t got) {
+    out_bytes_ += got;
+    lines_ += count_newlines(dst, dst + got);
+  }
+  [[noreturn]] void raise_truncated(const char* dst, size_t got) {
+    raise(dst, got, "truncated gzip data", "the compressed stream ends in the middle of a member");
+  }
+  [[noreturn]] void raise(const char* dst, size_t got, const char* what, const std::string& detail) {
+    account(dst, got);  // what was decompressed before the damage was found counts towards its place
+    const uint64_t at = offset();
+    FormatError e(path_ + ": " + what + " at compressed byte " + std::to_string(at) + " (after " +
+                      std::to_string(out_bytes_) + " decompressed bytes, in line " + std::to_string(lines_ + 1) +
+                      "): " + detail,
+                  path_);
+    e.offset = static_cast<int64_t>(at);
+    e.decompressed = static_cast<int64_t>(out_bytes_);
+    e.line = lines_ + 1;
+    done_ = true;
+    throw e;
+  }
+
+  int fd_;
   std::string path_;
+  std::vector<Bytef> in_;
+  z_stream zs_;
+  uint64_t file_pos_ = 0;   // compressed bytes read from the file
+  uint64_t out_bytes_ = 0;  // decompressed bytes handed out
+  int64_t lines_ = 0;       // newlines in them
+  bool in_member_ = true;   // the file starts with a member (open_source saw its magic)
+  bool eof_ = false;
+  bool done_ = false;
 };
 
 std::unique_ptr<Source> open_source(const std::string& path, bool* gzip, uint64_t* size) {
@@ -517,6 +602,39 @@ BlockReader::Block BlockReader::next() {
   return blk;
 }
 
+void BlockReader::verify_rest(uint64_t limit) {
+  if (pending_) {
+    thread_.join();
+    pending_ = false;
+    if (pending_error_) {
+      std::exception_ptr e = pending_error_;
+      pending_error_ = nullptr;
+      std::rethrow_exception(e);
+    }
+  }
+  if (eof_) return;
+  std::vector<char> scratch(std::min<uint64_t>(limit, uint64_t(1) << 20));
+  for (uint64_t seen = 0; seen < limit;) {
+    const size_t r = src_->read(scratch.data(), std::min<uint64_t>(scratch.size(), limit - seen));
+    if (r == 0) break;
+    seen += r;
+  }
+}
+
+std::string read_head(const std::string& path, size_t max_bytes, bool* gzip) {
+  uint64_t size = 0;
+  std::unique_ptr<Source> src = open_source(path, gzip, &size);
+  std::string out(max_bytes, '\0');
+  size_t got = 0;
+  while (got < max_bytes) {
+    const size_t r = src->read(&out[got], max_bytes - got);
+    if (r == 0) break;
+    got += r;
+  }
+  out.resize(got);
+  return out;
+}
+
 // ----------------------------------------------------------------------------------------------
 // parallel_for
 
@@ -794,7 +912,7 @@ void Reader::parse_block(const BlockReader::Block& b, Chunk* c, uint64_t expect_
       const Result r = parse_range(p, e, line, out_at(*c, c->rows), capacity(*c) - c->rows, c->bags.data());
       if (r.failed) {
         done_ = true;
-        fail(r);
+        fail_checked(r);
       }
       c->rows += r.rows;
       line += r.lines;
@@ -831,7 +949,7 @@ void Reader::parse_block(const BlockReader::Block& b, Chunk* c, uint64_t expect_
   for (const Result& r : results)
     if (r.failed) {
       done_ = true;
-      fail(r);
+      fail_checked(r);
     }
   for (std::vector<BagValues>& bags : range_bags_)
     for (int s = 0; s < num_bags_; ++s) c->bags[s].append(&bags[s]);
@@ -851,6 +969,24 @@ void Reader::parse_block(const BlockReader::Block& b, Chunk* c, uint64_t expect_
   c->rows = dst;
   if (dst > row0) bytes_per_row_ = static_cast<double>(bytes) / static_cast<double>(dst - row0);
   next_line_ += first[ranges];
+}
+
+void Reader::fail_checked(const Result& r) {
+  // Damage inside a deflate stream can decompress to garbage for a while before zlib notices (at
+  // the latest at the member's CRC): a line of that garbage failing to parse is a symptom, and
+  // the input is reported as corrupt if it is. Bounded, so that a genuine bad line early in a
+  // huge file is not reported only after decompressing all of it.
+  constexpr uint64_t kVerifyBytes = uint64_t(256) << 20;
+  if (blocks_.gzip()) {
+    try {
+      blocks_.verify_rest(kVerifyBytes);
+    } catch (FormatError& e) {
+      e.msg += "; line " + std::to_string(r.fail_line) + " did not parse (" + kReasonNames[r.fail_reason] +
+               "), which the damage may explain";
+      throw;
+    }
+  }
+  fail(r);
 }
 
 void Reader::fail(const Result& r) const {
@@ -952,36 +1088,9 @@ inline int Reader::parse_line(const uintptr_t* ends, float* label, float* dense,
   return -1;
 }
 
-// A kTextSeq cell: values separated by the bag separator, each hashed as a kText value of bag
-// field f and appended to bag; *length = how many. An empty cell is a bag of one id, the field's
-// missing row, so every row has at least one id per bag. An empty value ("a^^b", "^a", "a^") is
-// bad_sequence; on any error the ids of this cell are taken back.
+// A kTextSeq cell of bag field f (see parse_bag_cell).
 Reason Reader::parse_bag(const unsigned char* p, size_t n, int f, BagValues* bag, int64_t* length) const {
-  const Field& fd = fields_[f];
-  if (n == 0) {
-    bag->push(fd.missing);
-    *length = 1;
-    return kOk;
-  }
-  const int64_t start = bag->size();
-  const unsigned char* const e = p + n;
-  for (;;) {
-    const void* sep = std::memchr(p, spec_.bag_separator, static_cast<size_t>(e - p));
-    const unsigned char* t = sep ? static_cast<const unsigned char*>(sep) : e;
-    uint64_t v;
-    const Reason r = t == p ? kBadSequence : text_value(p, static_cast<size_t>(t - p), &v);
-    if (r != kOk) {
-      bag->truncate(start);
-      return r;
-    }
-    const uint64_t key = hash_key(v, fd.salt);
-    bag->push(keys_ ? static_cast<int64_t>(key | (key == 0))
-                    : fd.base + static_cast<int64_t>(fd.bucketer.mod(key)));
-    if (t == e) break;
-    p = t + 1;
-  }
-  *length = bag->size() - start;
-  return kOk;
+  return parse_bag_cell(p, n, spec_.bag_separator, fields_[f], keys_, bag, length);
 }
 
 // The bag columns of a line whose other columns parse_line has parsed (bad_col: its verdict, the

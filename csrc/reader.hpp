@@ -16,6 +16,7 @@
 #include <climits>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <exception>
 #include <functional>
 #include <memory>
@@ -96,10 +97,16 @@ struct IoError : std::exception {
   const char* what() const noexcept override { return "mlfast io error"; }
 };
 
-// Corrupt compressed input; bindings raise ValueError.
+// Corrupt or truncated compressed input, or malformed Arrow buffers; bindings raise
+// mlfast._native.CorruptInput (a ValueError), which mlfast.io.reader turns into CorruptInputError.
+// Where the damage was found, as far as it is known (-1: unknown).
 struct FormatError : std::exception {
-  std::string msg;
-  explicit FormatError(std::string m) : msg(std::move(m)) {}
+  std::string msg;   // the whole message, path first
+  std::string path;
+  int64_t offset = -1;        // byte offset in the compressed file where decoding stopped
+  int64_t decompressed = -1;  // bytes decompressed cleanly before it
+  int64_t line = -1;          // the 1-based line of the decompressed text the damage fell in
+  explicit FormatError(std::string m, std::string p = "") : msg(std::move(m)), path(std::move(p)) {}
   const char* what() const noexcept override { return msg.c_str(); }
 };
 
@@ -170,6 +177,50 @@ class BagValues {
   int64_t size_ = 0;
 };
 
+// One output field's hash constants: a value's id is base + key % buckets (keys mode: the key
+// itself, 0 made 1), a missing value's is `missing`. Shared by the text and the Arrow parsers, so
+// a value gets the same id whatever file it came from.
+struct FieldHash {
+  uint64_t salt;
+  Bucketer bucketer;
+  int64_t base;     // offsets[f] + 1
+  int64_t missing;  // offsets[f], or 0 for keys
+  int64_t id(uint64_t value, bool keys) const {
+    const uint64_t key = hash_key(value, salt);
+    return keys ? static_cast<int64_t>(key | (key == 0)) : base + static_cast<int64_t>(bucketer.mod(key));
+  }
+};
+
+// A sequence cell: values separated by sep, each hashed as a text value of field fd and appended
+// to bag; *length = how many. An empty cell is a bag of one id, the field's missing row, so every
+// row has at least one id per bag. An empty value ("a^^b", "^a", "a^") is bad_sequence; on any
+// error the ids of this cell are taken back.
+inline Reason parse_bag_cell(const unsigned char* p, size_t n, char sep, const FieldHash& fd, bool keys,
+                             BagValues* bag, int64_t* length) {
+  if (n == 0) {
+    bag->push(fd.missing);
+    *length = 1;
+    return kOk;
+  }
+  const int64_t start = bag->size();
+  const unsigned char* const e = p + n;
+  for (;;) {
+    const void* s = std::memchr(p, sep, static_cast<size_t>(e - p));
+    const unsigned char* t = s ? static_cast<const unsigned char*>(s) : e;
+    uint64_t v;
+    const Reason r = t == p ? kBadSequence : text_value(p, static_cast<size_t>(t - p), &v);
+    if (r != kOk) {
+      bag->truncate(start);
+      return r;
+    }
+    bag->push(fd.id(v, keys));
+    if (t == e) break;
+    p = t + 1;
+  }
+  *length = bag->size() - start;
+  return kOk;
+}
+
 // Parsed rows: what one next_chunk() / read_all() returns.
 struct Chunk {
   RowBuffer labels, dense, missing, sparse;
@@ -197,6 +248,10 @@ class BlockReader {
     size_t len = 0;
   };
   Block next();
+  // After a line failed to parse in a gzip file: decompress (and discard) up to `limit` more bytes
+  // so that damage to the compressed stream, whose garbage may be what failed to parse, is
+  // reported as the FormatError it is. Returns normally when the stream is intact that far.
+  void verify_rest(uint64_t limit);
   bool gzip() const { return gzip_; }
   uint64_t size() const { return size_; }  // of a plain file (0 for gzip: unknown)
 
@@ -232,12 +287,7 @@ class Reader {
   int64_t next_line() const { return next_line_; }
 
  private:
-  struct Field {
-    uint64_t salt;
-    Bucketer bucketer;
-    int64_t base;     // offsets[f] + 1
-    int64_t missing;  // offsets[f], or 0 for keys
-  };
+  using Field = FieldHash;
   struct Out {
     float* labels;
     float* dense;
@@ -300,6 +350,8 @@ class Reader {
   Reason parse_bag(const unsigned char* p, size_t n, int f, BagValues* bag, int64_t* length) const;
   void hash_row(const uint64_t* vals, const uint8_t* absent, int64_t* sparse) const;
   [[noreturn]] void fail(const Result& r) const;
+  // fail(r), unless the input is gzip whose stream turns out damaged: then that FormatError.
+  [[noreturn]] void fail_checked(const Result& r);
 
   // The hot loop's view of a column: 12 bytes instead of a ColumnSpec with its name.
   struct Col {
@@ -335,6 +387,11 @@ class Reader {
   int64_t next_line_ = 1;
   double bytes_per_row_ = 0;  // seen so far: sizes the output of the next block
 };
+
+// The first max_bytes bytes of a file's content (decompressed when it is gzip; *gzip says whether),
+// through the same source the reader uses: format detection sees what the parser will see, and
+// damage is the same FormatError.
+std::string read_head(const std::string& path, size_t max_bytes, bool* gzip);
 
 // Runs fn(0) .. fn(n - 1) on n threads, fn(0) on the calling one. An exception thrown by any of
 // them is rethrown here, on the calling thread, after all have joined.

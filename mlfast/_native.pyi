@@ -17,6 +17,15 @@ class ParseFailure(ValueError):
     """Raised by Reader on the first bad line; args = (line, field, reason, text: bytes,
     found_fields, expected_fields). mlfast.io.reader turns it into ParseError."""
 
+class CorruptInput(ValueError):
+    """Damaged or truncated compressed input (gzip: a bad header, bad deflate data, a CRC-32 or
+    length mismatch, a stream ending mid-member, bytes after the last member that are neither a
+    member nor zero padding), or malformed Arrow buffers; args = (message, path, offset: int | None
+    (compressed byte offset where decoding stopped), decompressed: int | None (bytes decoded
+    cleanly before it), line: int | None (the 1-based decompressed line it fell in)).
+    mlfast.io.reader turns it into CorruptInputError. A line that fails to parse in a gzip file
+    whose stream turns out damaged within the next 256 MiB raises this, not ParseFailure."""
+
 class Reader:
     """Streaming parser of one file (plain or gzip) under a spec dict built by mlfast.io.reader:
     delimiter, header, columns [(kind, name, dense, sparse, log)], num_dense, has_label,
@@ -43,8 +52,8 @@ class Reader:
     field's missing row (keys: 0); an empty value inside a cell ("a^^b", "^a", "a^") makes the
     line bad_sequence.
 
-    Raises OSError subclasses for files it cannot open or read, ValueError for a bad spec or
-    corrupt gzip data."""
+    Raises OSError subclasses for files it cannot open or read, ValueError for a bad spec,
+    CorruptInput for damaged gzip data."""
 
     def __init__(self, path: str, spec: dict[str, Any]) -> None: ...
     def next_chunk(self) -> Optional[dict[str, Any]]:
@@ -61,6 +70,27 @@ class Reader:
         """Everything left, as one dict shaped like next_chunk()'s."""
     @property
     def next_line(self) -> int: ...
+
+class ArrowParser:
+    """Parser of Arrow record batches (Parquet / Arrow IPC via pyarrow) under a reader spec built by
+    mlfast.io.arrow: the Reader's spec keys (delimiter, header and quote unused), columns of kinds
+    ignore, label, float, text and textseq only; min_range_bytes is the fewest rows per thread.
+    Values follow the text grammar and hash (see csrc/arrow_batch.hpp for each Arrow type)."""
+
+    def __init__(self, spec: dict[str, Any]) -> None: ...
+    def parse(self, columns: list[Optional[tuple]], rows: int, first_row: int) -> dict[str, Any]:
+        """One batch: per spec column None (ignored) or (type, length, offset, validity, offsets,
+        data, child) with type one of null, bool, int8..int64, uint8..uint64, float32, float64,
+        utf8 (string/binary), large_utf8, list, large_list; buffers (pyarrow.Buffer, bytes, ...) or
+        None, child a list's values described alike. Every buffer is checked against length and
+        offset first (CorruptInput). Returns next_chunk()'s dict ("first_line" / "end_line": the
+        batch's 1-based rows, first_row .. first_row + rows); a bad row raises ParseFailure with
+        line = its row and found_fields = 0 when the value was null (1 otherwise), or is skipped
+        and counted. GIL released."""
+
+def read_head(path: str, max_bytes: int) -> tuple[bytes, bool]:
+    """(the first max_bytes bytes of the content, is_gzip), decompressed by the Reader's own source
+    (format detection sees what the parser sees; damage raises CorruptInput). GIL released."""
 
 class Checksum:
     """Streaming cache checksum: update() with consecutive pieces equals one checksum() of all."""

@@ -336,3 +336,139 @@ def delimited(path, *, delimiter: str, header: bool, label, numeric: list, categ
         out.dense_missing.append(missing)
         out.keys.append([None if b[i] == b"" else key(parse_text(b[i]), seed, i + 1) for i in cat])
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Parquet / Arrow tables (values through to_pylist, one at a time)
+
+
+@dataclass
+class ParsedColumnar(Parsed):
+    bag_names: list[str] = field(default_factory=list)
+    bag_ids: list[int] = field(default_factory=list)
+    bags: list[list[list[int | None]]] = field(default_factory=list)  # row -> bag field -> keys (None = missing)
+
+    def bag_arrays(self, buckets: int | Sequence[int] | None = None, keys: bool = False):
+        """[(offsets, values)] per bag field, ids as CTRData.bags holds them (fields after the one-hot ones)."""
+        kinds = self.kinds + ["cat"] * len(self.bag_names)
+        b = hashing.resolve_buckets(buckets, kinds)
+        offsets = hashing.field_offsets_for(b)
+        out = []
+        for s in range(len(self.bag_names)):
+            f = len(self.field_names) + s
+            vals = [(0 if k is None else (k or 1)) if keys else hashing.row_id(k, f, offsets, b)
+                    for row in self.bags for k in row[s]]
+            lens = [len(row[s]) for row in self.bags]
+            out.append((np.concatenate([[0], np.cumsum(lens)]).astype(np.int64),
+                        np.asarray(vals, np.uint64 if keys else np.int64).view(np.int64)))
+        return out
+
+
+def _float32_text(x: float) -> float:
+    """A float32 as the double its shortest decimal text reads back as (numpy prints the shortest)."""
+    return float(str(np.float32(x)))
+
+
+def _cell_value(v, arrow_type) -> bytes | None:
+    """A categorical value's text as the CSV of the table holds it (None = missing)."""
+    import pyarrow as pa
+
+    if v is None:
+        return None
+    if isinstance(v, bool):
+        return b"true" if v else b"false"
+    if isinstance(v, int):
+        return str(v).encode()
+    if isinstance(v, bytes):
+        return v
+    if isinstance(v, str):
+        return v.encode("utf-8")
+    raise TypeError(f"no reference text for {v!r} of {arrow_type}")
+
+
+def columnar(table, *, label, numeric: list, categorical: list, sequence: list = (), separator: str = "^",
+             transform: str = "log", seed: int = 0, on_bad_line: str = "error") -> ParsedColumnar:
+    """A pyarrow Table read as mlfast.io.arrow documents it, value by value (float32 columns must
+    keep their type: their values arrive here widened)."""
+    import pyarrow as pa
+
+    names = table.column_names
+    cols = {n: table.column(n).to_pylist() for n in names}
+    types = {n: table.schema.field(n).type for n in names}
+    seed &= hashing.MASK64
+    out = ParsedColumnar(list(categorical), [names.index(c) + 1 for c in categorical], ["cat"] * len(categorical),
+                         list(numeric), None if label is None else [], bag_names=list(sequence),
+                         bag_ids=[names.index(c) + 1 for c in sequence])
+    order = sorted({names.index(c) for c in [label, *numeric, *categorical, *sequence] if c is not None})
+
+    def text_key(b: bytes, col: str) -> int:
+        return key(parse_text(b), seed, names.index(col) + 1)
+
+    def bag(v, col) -> list[int | None]:
+        if v is None:
+            return [None]
+        if isinstance(v, list):
+            if not v or (len(v) == 1 and v[0] in (None, "", b"")):  # as the joined cell: empty
+                return [None]
+            keys = []
+            for x in v:
+                b = _cell_value(x, types[col])
+                if b is None or b == b"":
+                    raise BadValue("bad_sequence")
+                keys.append(text_key(b, col))
+            return keys
+        b = _cell_value(v, types[col])
+        if b == b"":
+            return [None]
+        parts = b.split(separator.encode())
+        if any(p == b"" for p in parts):
+            raise BadValue("bad_sequence")
+        return [text_key(p, col) for p in parts]
+
+    for r in range(table.num_rows):
+        row_label, dense, missing, keys, bags = None, {}, {}, {}, {}
+        try:
+            for c in order:
+                col = names[c]
+                v = cols[col][r]
+                try:
+                    if col == label:
+                        if isinstance(v, (bytes, str)):
+                            row_label = parse_label(v.encode() if isinstance(v, str) else v)
+                        elif v is not None and v in (0, 1):  # bool, int or float (NaN is neither)
+                            row_label = float(v)
+                        else:
+                            raise BadValue("bad_label")
+                    elif col in numeric:
+                        if v is None or v in (b"", ""):
+                            dense[col], missing[col] = 0.0, True
+                            continue
+                        if isinstance(v, (bytes, str)):
+                            x = parse_float(v.encode() if isinstance(v, str) else v)
+                        elif isinstance(v, float):
+                            if v != v or v in (float("inf"), float("-inf")):
+                                raise BadValue("bad_float")
+                            x = _float32_text(v) if pa.types.is_float32(types[col]) else v
+                        else:
+                            x = float(v)
+                        dense[col] = hashing.signed_log1p(x) if transform == "log" else x
+                        missing[col] = False
+                    elif col in categorical:
+                        b = _cell_value(v, types[col])
+                        keys[col] = None if b is None or b == b"" else text_key(b, col)
+                    else:
+                        bags[col] = bag(v, col)
+                except BadValue as e:
+                    raise BadLine(r + 1, col, e.reason) from None
+        except BadLine as e:
+            if on_bad_line == "error":
+                raise
+            out.skipped[e.reason] += 1
+            continue
+        if label is not None:
+            out.labels.append(row_label)
+        out.dense.append([dense[c] for c in numeric])
+        out.dense_missing.append([missing[c] for c in numeric])
+        out.keys.append([keys[c] for c in categorical])
+        out.bags.append([bags[c] for c in sequence])
+    return out

@@ -114,12 +114,14 @@ def test_damaged_entry_is_detected_and_rebuilt(source, cache_dir, damage):
     elif damage == "bad_json":
         manifest_path.write_text("{not json")
         why = "unreadable manifest"
-    elif damage == "manifest_checksum":
+    elif damage == "manifest_checksum":  # a consistent (re-signed) manifest that lies about a column
         manifest["columns"]["sparse"]["checksum"] = "0" * 16
+        manifest["manifest_sha256"] = cache._manifest_digest(manifest)
         manifest_path.write_text(json.dumps(manifest))
         why = "checksum mismatch in sparse.bin"
     elif damage == "manifest_shape":
         manifest["columns"]["sparse"]["shape"] = [10000, 38]
+        manifest["manifest_sha256"] = cache._manifest_digest(manifest)
         manifest_path.write_text(json.dumps(manifest))
         why = "expected <i8"
     elif damage == "no_manifest":
@@ -203,3 +205,111 @@ def test_checksum_streams_and_catches_every_single_byte_change(np_rng):
     assert _native.checksum(np.concatenate([data, np.zeros(5, np.uint8)])) != whole
     big = np_rng.integers(0, 1 << 62, size=5_000_000, dtype=np.int64)  # 40 MB: split across threads
     assert _native.checksum(big, 2) == _native.checksum(big, 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Regressions: a stale source, an edited manifest, a symlinked column (each was a hit before)
+
+
+def test_rewritten_in_place_with_mtime_restored_is_stale(source, cache_dir):
+    """rsync --inplace -t / touch -r: same size, same inode, mtime put back; only ctime and the
+    content say it changed."""
+    first = reader.read_criteo(source, cache_dir=cache_dir)
+    st = source.stat()
+    data = bytearray(source.read_bytes())
+    flips = [i for i, line_start in enumerate(data) if i == 0 or data[i - 1] == ord("\n")][:50]
+    for i in flips:  # flip the labels of the first 50 lines in place: same size
+        data[i] = ord("1") if data[i] == ord("0") else ord("0")
+    with open(source, "r+b") as f:
+        f.write(bytes(data))
+    os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns))
+    now = source.stat()
+    assert (now.st_size, now.st_mtime_ns, now.st_ino) == (st.st_size, st.st_mtime_ns, st.st_ino)
+    with pytest.warns(UserWarning, match=r"stale: the source file changed \(ctime_ns, fingerprint differ\)"):
+        d = reader.read_criteo(source, cache_dir=cache_dir)
+    assert d.meta["cache"]["status"] == "rebuilt"
+    np.testing.assert_array_equal(d.labels[:50], 1 - np.asarray(first.labels[:50]))
+    np.testing.assert_array_equal(d.labels, reader.read_criteo(source, cache=False).labels)
+
+
+def test_content_fingerprint_is_compared(source, cache_dir):
+    """Were ctime to lie (a restored backup, a file system without it), the sampled content still
+    tells: a manifest whose fingerprint differs (everything else equal) is stale."""
+    entry = entry_of(reader.read_criteo(source, cache_dir=cache_dir))
+    manifest = json.loads((entry / "manifest.json").read_text())
+    manifest["source"]["fingerprint"] = manifest["source"]["fingerprint"][:-1] + "0"
+    manifest["manifest_sha256"] = cache._manifest_digest(manifest)
+    (entry / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.warns(UserWarning, match=r"stale: the source file changed \(fingerprint differ\)"):
+        assert reader.read_criteo(source, cache_dir=cache_dir).meta["cache"]["status"] == "rebuilt"
+
+
+def test_fingerprint_samples_first_last_and_spread_blocks(tmp_path, np_rng):
+    small = tmp_path / "small.bin"
+    data = np_rng.integers(0, 256, 300_000, dtype=np.uint8)  # < 8 blocks: every byte is covered
+    small.write_bytes(data.tobytes())
+    base = cache.fingerprint(small)
+    for pos in np_rng.integers(0, data.size, 20):
+        changed = data.copy()
+        changed[pos] ^= 1
+        small.write_bytes(changed.tobytes())
+        assert cache.fingerprint(small) != base, pos
+    big = tmp_path / "big.bin"
+    big_data = np_rng.integers(0, 256, 3_000_000, dtype=np.uint8)
+    big.write_bytes(big_data.tobytes())
+    base = cache.fingerprint(big)
+    assert len(base.split(":")[1]) == 16 * cache.FINGERPRINT_BLOCKS
+    span = big_data.size - cache.FINGERPRINT_BYTES
+    for pos in (0, big_data.size - 1, span * 3 // 7 + 5):  # first block, last block, a middle one
+        changed = big_data.copy()
+        changed[pos] ^= 1
+        big.write_bytes(changed.tobytes())
+        assert cache.fingerprint(big) != base, pos
+
+
+@pytest.mark.parametrize("edit", ["skipped", "lines", "rows"])
+def test_edited_manifest_is_rejected(source, cache_dir, edit):
+    entry = entry_of(reader.read_criteo(source, cache_dir=cache_dir, on_bad_line="skip"))
+    path = entry / "manifest.json"
+    manifest = json.loads(path.read_text())
+    if edit == "skipped":
+        manifest["extra"]["skipped"] = {"bad_label": 12}
+    elif edit == "lines":
+        manifest["extra"]["lines"] = 5
+    else:
+        manifest["rows"] = 9999
+    path.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    with pytest.warns(UserWarning, match="manifest checksum mismatch"):
+        d = reader.read_criteo(source, cache_dir=cache_dir, on_bad_line="skip")
+    assert d.meta["cache"]["status"] == "rebuilt" and d.skipped == {} and d.meta["lines"] == 10000
+
+
+@pytest.mark.parametrize("what", ["bin_symlink", "manifest_symlink", "bin_fifo", "extra_file"])
+def test_only_regular_files_inside_the_entry(source, cache_dir, tmp_path, what):
+    entry = entry_of(reader.read_criteo(source, cache_dir=cache_dir))
+    good = reader.read_criteo(source, cache=False)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    if what == "bin_symlink":  # the very same bytes, but through a link: still refused
+        shutil.copyfile(entry / "sparse.bin", elsewhere / "sparse.bin")
+        (entry / "sparse.bin").unlink()
+        (entry / "sparse.bin").symlink_to(elsewhere / "sparse.bin")
+        why = "sparse.bin is a symlink"
+    elif what == "manifest_symlink":
+        shutil.copyfile(entry / "manifest.json", elsewhere / "manifest.json")
+        (entry / "manifest.json").unlink()
+        (entry / "manifest.json").symlink_to(elsewhere / "manifest.json")
+        why = "manifest.json is a symlink"
+    elif what == "bin_fifo":
+        (entry / "labels.bin").unlink()
+        os.mkfifo(entry / "labels.bin")
+        why = "labels.bin is not a regular file"
+    else:
+        (entry / "notes.txt").write_text("x")
+        why = "unexpected 'notes.txt'"
+    with pytest.warns(UserWarning, match=why):
+        d = reader.read_criteo(source, cache_dir=cache_dir)
+    assert d.meta["cache"]["status"] == "rebuilt"
+    assert_same(good, d)
+    assert not (entry / "sparse.bin").is_symlink() and (elsewhere.exists())
+    assert reader.read_criteo(source, cache_dir=cache_dir).meta["cache"]["status"] == "hit"

@@ -221,6 +221,8 @@ def test_read_dispatches_by_content(tmp_path):
     avazu = DATA.parent / "datasets_raw" / "avazu_head10k" / "avazu_train_head10k.csv"
     assert reader.read(avazu, int_buckets=True, cache=False).meta["format"] == "avazu-train"  # ignored there
     with pytest.raises(ValueError, match="format must be"):
+        reader.read(DATA / SMALL, format="orc", cache=False)
+    with pytest.raises(ValueError, match="part-0.txt: not a Parquet or Arrow IPC file"):
         reader.read(DATA / SMALL, format="parquet", cache=False)
     other = tmp_path / "other.csv"
     other.write_text("a,b\n1,2\n")

@@ -8,10 +8,18 @@ is complete or absent. Later reads memory-map the columns.
 
 An entry is keyed by the source's absolute path and the full reader configuration (format,
 buckets, seed, int_buckets, keys, schema, skip mode, versions). Its manifest records the source's
-identity (size, mtime_ns, inode), every column's dtype, shape, byte size and a 64-bit checksum
-(``csrc/checksum.hpp``: computed in C++ on all threads, so verifying runs near memory speed).
-Nothing is trusted: a load checks all of it, and an entry that is stale (the source changed) or
-corrupt (bad manifest, truncated or altered data) is rebuilt with a warning saying why.
+identity, every column's dtype, shape, byte size and a 64-bit checksum (``csrc/checksum.hpp``:
+computed in C++ on all threads, so verifying runs near memory speed), and a SHA-256 of the whole
+manifest (so the skip counts and line count it carries are covered too). Nothing is trusted: a
+load checks all of it, and an entry that is stale (the source changed) or corrupt (bad manifest,
+truncated or altered data, a file in the entry that is not a regular file, e.g. a symlink) is
+rebuilt with a warning saying why.
+
+The source's identity is its size, mtime_ns, inode, **ctime_ns** (the inode change time, which a
+rewrite updates and user space cannot set back: a file rewritten in place with its mtime restored,
+as ``touch -r`` or ``rsync --inplace -t`` leave it, is stale) and a content **fingerprint**: the
+checksums of 64 KiB blocks at the start, the end and six evenly spaced places (all of a file up to
+512 KiB), read without reading the rest.
 
 Example::
 
@@ -31,6 +39,7 @@ import queue
 import re
 import secrets
 import shutil
+import stat
 import tempfile
 import threading
 import warnings
@@ -43,11 +52,14 @@ import numpy as np
 from mlfast import _native
 
 MAGIC = "mlfast-ctr-cache"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: ctime + content fingerprint in the identity, checksummed manifest
+# The content fingerprint: FINGERPRINT_BLOCKS blocks of FINGERPRINT_BYTES (first, last, evenly between).
+FINGERPRINT_BLOCKS = 8
+FINGERPRINT_BYTES = 64 << 10
 MANIFEST = "manifest.json"
 
-__all__ = ["default_cache_dir", "cached_read", "ctr_columns", "entry_path", "source_identity", "clear_cache",
-           "CacheInvalid"]
+__all__ = ["default_cache_dir", "cached_read", "ctr_columns", "entry_path", "source_identity", "fingerprint",
+           "clear_cache", "CacheInvalid"]
 
 
 class CacheInvalid(Exception):
@@ -84,10 +96,66 @@ def ctr_columns(has_label: bool, num_dense: int, num_sparse: int,
     return cols
 
 
+def fingerprint(path: str | os.PathLike, size: int | None = None) -> str:
+    """Checksums of FINGERPRINT_BLOCKS blocks of the file (the first, the last and evenly spaced
+    ones between; the whole file when it is small), as hex: a content check that costs a few
+    reads, not a pass over the file."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        n = os.fstat(fd).st_size if size is None else size
+        span = max(n - FINGERPRINT_BYTES, 0)
+        starts = sorted({span * k // (FINGERPRINT_BLOCKS - 1) for k in range(FINGERPRINT_BLOCKS)})
+        sums = []
+        for start in starts:
+            block = os.pread(fd, FINGERPRINT_BYTES, start)
+            sums.append(f"{_native.checksum(block):016x}")
+        return f"{n}:" + "".join(sums)
+    finally:
+        os.close(fd)
+
+
 def source_identity(path: str | os.PathLike) -> dict[str, Any]:
-    """What says "the same file": absolute path, size, mtime_ns and inode."""
+    """What says "the same file": absolute path, size, mtime_ns, inode, ctime_ns and a content
+    fingerprint (see :func:`fingerprint`)."""
     st = os.stat(path)
-    return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+    return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino,
+            "ctime_ns": st.st_ctime_ns, "fingerprint": fingerprint(path, st.st_size)}
+
+
+def _manifest_digest(manifest: dict[str, Any]) -> str:
+    """SHA-256 of the manifest without its own digest (canonical JSON)."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _open_regular(path: Path) -> Any:
+    """``path`` opened for reading, refusing anything but a regular file (a symlink, a FIFO, a
+    directory): an entry holds its own files, never a link to data elsewhere."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        if os.path.islink(path):
+            raise CacheInvalid(f"{path.name} is a symlink, not a regular file") from None
+        raise CacheInvalid(f"cannot open {path.name} ({e})") from None
+    f = os.fdopen(fd, "rb")
+    if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+        f.close()
+        raise CacheInvalid(f"{path.name} is not a regular file")
+    return f
+
+
+def _check_entry_files(entry: Path, expected: set[str]) -> None:
+    """The entry is a real directory holding exactly the expected regular files."""
+    st = os.lstat(entry)
+    if not stat.S_ISDIR(st.st_mode):
+        raise CacheInvalid("the entry is not a directory (a symlink?)")
+    for name in os.listdir(entry):
+        if name not in expected:
+            raise CacheInvalid(f"unexpected {name!r} in the entry")
+        mode = os.lstat(entry / name).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a symlink" if stat.S_ISLNK(mode) else "not a regular file"
+            raise CacheInvalid(f"{name} is {kind}")
 
 
 def _normalized(config: dict[str, Any]) -> Any:
@@ -113,19 +181,25 @@ def _empty_digest() -> int:
 
 def _load(entry: Path, source: str, config: dict[str, Any], columns: dict[str, tuple[np.dtype, int | None]],
           num_threads: int, verify: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+    if not (entry / MANIFEST).exists() and not (entry / MANIFEST).is_symlink():
+        raise CacheInvalid("incomplete entry (no manifest)")
     try:
-        manifest = json.loads((entry / MANIFEST).read_text())
-    except FileNotFoundError:
-        raise CacheInvalid("incomplete entry (no manifest)") from None
+        with _open_regular(entry / MANIFEST) as f:
+            manifest = json.loads(f.read().decode())
     except (OSError, ValueError) as e:
         raise CacheInvalid(f"unreadable manifest ({e})") from None
     try:
-        if manifest.get("magic") != MAGIC:
+        if not isinstance(manifest, dict) or manifest.get("magic") != MAGIC:
             raise CacheInvalid("not an mlfast cache manifest (bad magic)")
         if manifest.get("version") != CACHE_VERSION:
             raise CacheInvalid(f"cache format version {manifest.get('version')}, this mlfast writes {CACHE_VERSION}")
-        if manifest.get("source") != source_identity(source):
-            raise CacheInvalid("stale: the source file changed (size, mtime or inode differ)")
+        if manifest.get("manifest_sha256") != _manifest_digest(manifest):
+            raise CacheInvalid("manifest checksum mismatch (the manifest was altered)")
+        _check_entry_files(entry, {MANIFEST} | {f"{name}.bin" for name in columns})
+        recorded, now = manifest.get("source"), source_identity(source)
+        if recorded != now:
+            changed = sorted(k for k in now if not isinstance(recorded, dict) or recorded.get(k) != now[k])
+            raise CacheInvalid(f"stale: the source file changed ({', '.join(changed)} differ)")
         if manifest.get("config") != _normalized(config):
             raise CacheInvalid("the manifest's reader configuration does not match")
         rows = manifest["rows"]
@@ -149,11 +223,12 @@ def _load(entry: Path, source: str, config: dict[str, Any], columns: dict[str, t
                 raise CacheInvalid(f"{name}: {col['dtype']} {col['shape']}, expected {dtype.str} {list(shape)}")
             nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
             path = entry / col["file"]
-            size = path.stat().st_size
-            if size != nbytes or col["nbytes"] != nbytes:
-                raise CacheInvalid(f"{col['file']} has {size} bytes, expected {nbytes} (truncated or corrupt)")
-            # Copy-on-write mapping: writable like a parsed array, and writes never reach the file.
-            arr = np.memmap(path, dtype=dtype, mode="c", shape=shape) if nbytes else np.zeros(shape, dtype)
+            with _open_regular(path) as f:  # mapped through this descriptor: no swap after the check
+                size = os.fstat(f.fileno()).st_size
+                if size != nbytes or col["nbytes"] != nbytes:
+                    raise CacheInvalid(f"{col['file']} has {size} bytes, expected {nbytes} (truncated or corrupt)")
+                # Copy-on-write mapping: writable like a parsed array, and writes never reach the file.
+                arr = np.memmap(f, dtype=dtype, mode="c", shape=shape) if nbytes else np.zeros(shape, dtype)
             if verify:
                 digest = _native.checksum(arr, num_threads) if nbytes else _empty_digest()
                 if f"{digest:016x}" != col["checksum"]:
@@ -277,6 +352,7 @@ def _build(root: Path, entry: Path, source: str, config: dict[str, Any],
             },
             "extra": {"skipped": dict(skipped), "lines": lines},
         }
+        manifest["manifest_sha256"] = _manifest_digest(manifest)
         try:
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
             _commit(tmp, entry)

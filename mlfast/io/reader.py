@@ -16,7 +16,19 @@ the value is missing (empty).
 * A bad line raises :class:`ParseError` (file, line, field, what was found and expected), or with
   ``on_bad_line="skip"`` is dropped and counted in ``CTRData.skipped`` under a stable reason:
   ``field_count, bad_integer, integer_overflow, bad_categorical, bad_label, bad_float, bad_hour,
-  invalid_utf8, bad_sequence, bad_quote`` (and ``blank_line``, which is never an error).
+  invalid_utf8, bad_sequence, bad_quote`` (and ``blank_line``, which is never an error). The counts
+  of ``iter_*_chunks`` add up to those of the whole-file read for every chunk size: a chunk has
+  rows, except a last one that carries only the counts of bad or blank lines at the end. A file
+  whose data lines are all bad gives, in skip mode, an empty result (no rows; every line in
+  ``skipped``; ``iter_*_chunks`` yields that one row-less chunk) and a ``UserWarning`` saying so.
+* Damaged compressed input (a gzip file truncated, or with any byte of its header, deflate data,
+  CRC or length trailer changed, or followed by bytes that are neither another member nor zero
+  padding) raises :class:`CorruptInputError` naming the file, the compressed byte offset where
+  decoding stopped and the decompressed line it was in, whether the damage is found while
+  telling the format, while parsing, or after garbage it decoded to failed to parse (a parse
+  error in a gzip file is reported as corruption when the next 256 MiB of the stream is damaged).
+  A file counts as gzip by its first two bytes (1f 8b), whatever its name: one whose magic itself
+  is damaged is read as text (and fails to parse as such).
 * Generic logs may have multi-hot columns (``DelimitedSchema.sequence``, e.g. a click history
   ``170301^573514``): each becomes a :class:`mlfast.io.data.BagField` in ``CTRData.bags``.
 
@@ -39,8 +51,9 @@ Example::
 from __future__ import annotations
 
 import errno
-import gzip
 import os
+import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -54,6 +67,7 @@ from mlfast.io.data import BagField, CTRData
 
 __all__ = [
     "ParseError",
+    "CorruptInputError",
     "DelimitedSchema",
     "read",
     "read_criteo",
@@ -115,6 +129,29 @@ class ParseError(ValueError):
         self.field = field
         self.reason = reason
         self.text = text
+
+
+class CorruptInputError(ValueError):
+    """Compressed input (gzip) or columnar input (Parquet, Arrow) that is damaged or truncated.
+
+    Attributes: ``path``; ``offset``, the byte offset in the compressed file where decoding
+    stopped; ``decompressed``, the bytes decoded cleanly before it; ``line``, the 1-based line of
+    the decompressed text the damage fell in (each None where unknown, e.g. for Parquet).
+    """
+
+    def __init__(self, message: str, path: str, offset: int | None = None, decompressed: int | None = None,
+                 line: int | None = None):
+        super().__init__(message)
+        self.path = path
+        self.offset = offset
+        self.decompressed = decompressed
+        self.line = line
+
+
+def _corrupt(e: BaseException, path: str) -> CorruptInputError:
+    """A native CorruptInput as the public error."""
+    message, where, offset, decompressed, line = e.args
+    return CorruptInputError(message, where or path, offset, decompressed, line)
 
 
 @dataclass
@@ -310,14 +347,23 @@ def _split_quoted(line: bytes, delimiter: bytes, quote: bytes | None) -> list[by
         i += 1  # past the delimiter
 
 
-def _delimited_layout(path: str, schema: DelimitedSchema, hash_buckets, hash_seed, keys, on_bad_line) -> _Layout:
-    if len(schema.delimiter) != 1 or schema.delimiter in "\r\n" or len(schema.delimiter.encode()) != 1:
-        raise ValueError(f"delimiter must be one ASCII character other than a line break, got {schema.delimiter!r}")
+def _check_schema_options(schema: DelimitedSchema) -> None:
+    """The checks every input format makes of a schema (delimited text adds its own)."""
     if schema.numeric_transform not in ("log", "none"):
         raise ValueError(f"numeric_transform must be 'log' or 'none', got {schema.numeric_transform!r}")
     if schema.sequence_max_len is not None and (not isinstance(schema.sequence_max_len, (int, np.integer))
+                                                or isinstance(schema.sequence_max_len, bool)
                                                 or schema.sequence_max_len < 1):
         raise ValueError(f"sequence_max_len must be None or an integer >= 1, got {schema.sequence_max_len!r}")
+    sep = schema.sequence_separator
+    if len(sep) != 1 or sep in "\r\n" or len(sep.encode()) != 1:
+        raise ValueError(f"sequence_separator must be one ASCII character other than a line break, got {sep!r}")
+
+
+def _delimited_layout(path: str, schema: DelimitedSchema, hash_buckets, hash_seed, keys, on_bad_line) -> _Layout:
+    if len(schema.delimiter) != 1 or schema.delimiter in "\r\n" or len(schema.delimiter.encode()) != 1:
+        raise ValueError(f"delimiter must be one ASCII character other than a line break, got {schema.delimiter!r}")
+    _check_schema_options(schema)
     sep = schema.sequence_separator
     if len(sep) != 1 or sep in "\r\n" or len(sep.encode()) != 1 or sep == schema.delimiter:
         raise ValueError(f"sequence_separator must be one ASCII character other than a line break and the "
@@ -341,18 +387,32 @@ def _delimited_layout(path: str, schema: DelimitedSchema, hash_buckets, hash_see
             raise ValueError(f"{path}: the header (line {line_no}) is not valid UTF-8") from None
     else:
         names = [f"col{i}" for i in range(len(cells))]
+    delim_name = {",": "comma", "\t": "tab", ";": "semicolon", "|": "pipe", " ": "space"}.get(
+        schema.delimiter, repr(schema.delimiter))
+    return _schema_layout(path, names, schema, "delimited", named=schema.header, where="the header",
+                          hash_buckets=hash_buckets, hash_seed=hash_seed, keys=keys, on_bad_line=on_bad_line,
+                          expected=f"{len(names)} {delim_name}-separated fields",
+                          extra={"numeric_transform": schema.numeric_transform, "quote": quote}, quote=quote)
+
+
+def _schema_layout(path: str, names: list[str], schema: DelimitedSchema, fmt: str, *, named: bool, where: str,
+                   hash_buckets, hash_seed, keys, on_bad_line, expected: str, extra: dict[str, Any],
+                   quote: str | None = None) -> _Layout:
+    """The layout of a log whose columns are ``names`` (a header's, or an Arrow schema's) under
+    ``schema``: which column is the label, which are dense, one-hot and bag fields. A field's hash
+    id is its 1-based column number, whatever the file format."""
 
     def index(ref: str | int, role: str) -> int:
         if isinstance(ref, (int, np.integer)) and not isinstance(ref, bool):
             if not 0 <= ref < len(names):
                 raise ValueError(f"{role} column {ref} is out of range: {path} has {len(names)} columns")
             return int(ref)
-        if not schema.header:
+        if not named:
             raise ValueError(f"{role} column {ref!r}: without a header, columns are named by 0-based index")
         if ref not in names:
-            raise ValueError(f"{role} column {ref!r} is not in the header of {path}: {names}")
+            raise ValueError(f"{role} column {ref!r} is not in {where} of {path}: {names}")
         if names.count(ref) > 1:
-            raise ValueError(f"{role} column {ref!r} appears more than once in the header of {path}")
+            raise ValueError(f"{role} column {ref!r} appears more than once in {where} of {path}")
         return names.index(ref)
 
     role: dict[int, str] = {}
@@ -387,16 +447,13 @@ def _delimited_layout(path: str, schema: DelimitedSchema, hash_buckets, hash_see
             columns.append(("textseq", name, -1, len(categorical) + sequence.index(i), False))
         else:
             columns.append(("ignore", name, -1, -1, False))
-    delim_name = {",": "comma", "\t": "tab", ";": "semicolon", "|": "pipe", " ": "space"}.get(
-        schema.delimiter, repr(schema.delimiter))
-    expected = f"{len(names)} {delim_name}-separated fields"
     fields = categorical + sequence
-    return _layout("delimited", delimiter=schema.delimiter, header=schema.header, columns=columns,
+    return _layout(fmt, delimiter=schema.delimiter, header=schema.header, columns=columns,
                    field_names=[names[i] for i in fields], field_ids=[i + 1 for i in fields],
                    kinds=["cat"] * len(fields), dense_names=[names[i] for i in numeric],
                    hash_buckets=hash_buckets, hash_seed=hash_seed, keys=keys, on_bad_line=on_bad_line,
-                   expected=expected, extra={"numeric_transform": schema.numeric_transform, "quote": quote},
-                   num_bags=len(sequence), bag_separator=sep, bag_max_len=schema.sequence_max_len, quote=quote)
+                   expected=expected, extra=extra, num_bags=len(sequence), bag_separator=schema.sequence_separator,
+                   bag_max_len=schema.sequence_max_len, quote=quote)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -416,24 +473,34 @@ def _check_path(path: str | os.PathLike) -> str:
     return p
 
 
-def _is_gzip(path: str) -> bool:
-    with open(path, "rb") as f:
-        return f.read(2) == b"\x1f\x8b"
+def _head(path: str, max_bytes: int) -> bytes:
+    """The first ``max_bytes`` of the content, decompressed by the parser's own source (so damage
+    found while telling the format is the same CorruptInputError as damage found parsing)."""
+    try:
+        return _native.read_head(path, int(max_bytes))[0]
+    except _native.CorruptInput as e:
+        raise _corrupt(e, path) from None
 
 
 def _first_line(path: str) -> tuple[int, bytes]:
     """(1-based number, bytes without line ending) of the first non-blank line."""
-    opener = gzip.open if _is_gzip(path) else open
-    with opener(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-            line = raw[:-1] if raw.endswith(b"\n") else raw
+    want = 64 << 10
+    while True:
+        head = _head(path, want)
+        complete = len(head) < want  # the whole content
+        if head.startswith(b"\xef\xbb\xbf"):
+            head = head[3:]
+        lines = head.split(b"\n")
+        if not complete:
+            lines.pop()  # may be cut short
+        for line_no, line in enumerate(lines, start=1):
             if line.endswith(b"\r"):
                 line = line[:-1]
             if line:
                 return line_no, line
-    raise ValueError(f"{path}: no data lines (the file holds only blank lines)")
+        if complete:
+            raise ValueError(f"{path}: no data lines (the file holds only blank lines)")
+        want *= 4
 
 
 def _detect_criteo(path: str, fmt: str) -> str:
@@ -575,6 +642,8 @@ def _iter_native(path: str, layout: _Layout, num_threads: int, chunk_bytes: int)
             chunk = reader.next_chunk()
         except _native.ParseFailure as e:
             raise _parse_error(path, layout, e) from None
+        except _native.CorruptInput as e:
+            raise _corrupt(e, path) from None
         if chunk is None:
             return
         yield _flat(chunk)
@@ -593,25 +662,41 @@ def _read(path: str, layout: _Layout, num_threads: int | None, cache: bool, cach
                                     columns, cache_dir=cache_dir, num_threads=threads)
         if result is not None:
             arrays, info = result
+            _warn_if_all_bad(path, len(arrays["sparse"]), arrays["skipped"])
             return _to_data(arrays, layout, path, _meta(layout, threads, cache=info, lines=arrays["lines"]))
     reader = _native_reader(path, layout, threads, chunk_bytes)
     try:
         arrays = _flat(reader.read_all())
     except _native.ParseFailure as e:
         raise _parse_error(path, layout, e) from None
+    except _native.CorruptInput as e:
+        raise _corrupt(e, path) from None
     info = {"status": "disabled", "path": None}
+    _warn_if_all_bad(path, len(arrays["sparse"]), arrays["skipped"])
     return _to_data(arrays, layout, path, _meta(layout, threads, cache=info, lines=arrays["end_line"] - 1))
+
+
+def _warn_if_all_bad(path: str, rows: int, skipped: dict[str, int]) -> None:
+    bad = {k: v for k, v in skipped.items() if k != "blank_line"}
+    if rows == 0 and bad:
+        warnings.warn(f"{path}: every data line is bad and was skipped ({sum(bad.values())} lines: {bad}); "
+                      f"the result is empty", UserWarning, stacklevel=4)
 
 
 def _iter_chunks(path: str, layout: _Layout, num_threads: int | None, chunk_bytes: int) -> Iterator[CTRData]:
     threads = _threads(num_threads)
-    index = 0
+    index, rows, skipped = 0, 0, Counter()
     for chunk in _iter_native(path, layout, threads, chunk_bytes):
-        if chunk["sparse"].shape[0] == 0:
-            continue  # only skipped / blank lines at the end of the input
+        if chunk["sparse"].shape[0] == 0 and not chunk["skipped"]:
+            continue  # a header alone: nothing to hand on
+        # A row-less chunk is the last one and carries the counts of bad / blank lines at the end
+        # of the input: yielded, so that the chunks' counts add up to the whole-file read's.
+        rows += chunk["sparse"].shape[0]
+        skipped.update(chunk["skipped"])
         index += 1
         yield _to_data(chunk, layout, path, _meta(layout, threads, chunk=index - 1, first_line=chunk["first_line"],
                                                   end_line=chunk["end_line"], input_bytes=chunk["input_bytes"]))
+    _warn_if_all_bad(path, rows, dict(skipped))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -772,17 +857,32 @@ def read(path: str | os.PathLike, format: str = "auto", **kw: Any) -> CTRData:
     """Read a click log, telling its format from the first line when ``format="auto"``.
 
     Criteo: tab-separated with 40 (train) or 39 (test) fields. Avazu: the Avazu header, or 24
-    comma-separated fields without one. Anything else needs ``format="delimited"`` and a
-    ``schema=DelimitedSchema(...)``. ``format`` may also name the reader (``"criteo"``,
-    ``"avazu"``), a Criteo layout (``"train"``, ``"test"``) or a ``meta["format"]`` value
-    (``"criteo-train"``, ``"avazu-test"``, ...). Keyword arguments go to the chosen reader;
-    ``int_buckets`` only concerns Criteo and is ignored for the others.
+    comma-separated fields without one. Parquet and Arrow IPC / Feather files (by their magic bytes
+    or extension), directories and globs of them, go to :func:`mlfast.io.arrow.read_columnar` and
+    need a ``schema=DelimitedSchema(...)`` naming their columns (``format="auto"``, ``"delimited"``,
+    ``"parquet"`` or ``"arrow"``). Any other log needs ``format="delimited"`` and a schema.
+    ``format`` may also name the reader (``"criteo"``, ``"avazu"``), a Criteo layout (``"train"``,
+    ``"test"``) or a ``meta["format"]`` value (``"criteo-train"``, ``"avazu-test"``, ...). Keyword
+    arguments go to the chosen reader; ``int_buckets`` only concerns Criteo and is ignored for the
+    others, ``chunk_bytes`` is ignored for Parquet / Arrow.
 
     Example::
 
         >>> read("../shared/datasets_raw/avazu_head10k/avazu_train_head10k.csv", cache=False).meta["format"]
         'avazu-train'
     """
+    if format in ("auto", "delimited", "parquet", "arrow"):
+        from mlfast.io import arrow
+
+        files = arrow.dataset_files(path) if format in ("auto", "delimited") else arrow._files(path)
+        if files is not None:
+            opts = {k: v for k, v in kw.items() if k not in ("int_buckets", "chunk_bytes")}
+            schema = opts.pop("schema", None)
+            if schema is None:
+                raise ValueError(f"{os.fspath(path)}: Parquet / Arrow input needs a schema naming its columns: "
+                                 "read(path, schema=DelimitedSchema(label=..., categorical=[...], numeric=[...])) "
+                                 "(on the command line: --label, --categorical, --numeric, --sequence)")
+            return arrow.read_columnar(path, schema, **opts)
     p = _check_path(path)
     family, _, layout = format.partition("-")
     if family in ("train", "test") and not layout:
@@ -797,7 +897,7 @@ def read(path: str | os.PathLike, format: str = "auto", **kw: Any) -> CTRData:
             raise ValueError("format='delimited' needs schema=DelimitedSchema(...)")
         return read_delimited(p, not_criteo.pop("schema"), **not_criteo)
     if format != "auto":
-        raise ValueError(f"format must be 'auto', 'criteo', 'train', 'test', 'avazu', 'delimited' or a "
+        raise ValueError(f"format must be 'auto', 'criteo', 'train', 'test', 'avazu', 'delimited', 'parquet', 'arrow' or a "
                          f"meta['format'] value such as 'criteo-train', got {format!r}")
     line_no, line = _first_line(p)
     if b"\t" in line and line.count(b"\t") + 1 in (39, 40):
