@@ -41,6 +41,8 @@ _EXPORTS = {
     "MutualTrainer": "train.trainer",
     "fit": "api",
     "load_run": "api",
+    "Featurizer": "featurize",
+    "export_run": "export",
     "FitResult": "api",
     "Predictor": "api",
     "PeerGroup": "train.group",
