@@ -122,7 +122,7 @@ class TensorBoardScalars:
     def __call__(self, row: dict) -> None:
         step = int(row["step"])
         for k, v in row.items():
-            if k in ("step", "epoch") or v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
+            if k in ("step", "epoch", "samples") or v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
                 continue
             self.writer.add_scalar(k.replace("_", "/", 1), float(v), step)
         self.writer.flush()

@@ -217,3 +217,15 @@ def test_guard_skips_a_bad_batch_without_touching_anything():
             for k in a:
                 if "running" not in k and "num_batches" not in k:  # BatchNorm statistics move in forward
                     assert torch.equal(a[k], d[k]), (kind, k)
+
+
+def test_one_peer_limit_for_every_backend():
+    from mlfast.train.config import MAX_PEERS
+
+    with pytest.raises(ValueError, match=f"at most {MAX_PEERS} peers"):
+        TrainConfig(peers=["lr"] * (MAX_PEERS + 1))
+    TrainConfig(peers=["lr"] * MAX_PEERS)
+    if TRITON_CPU or torch.cuda.is_available():
+        from mlfast.kernels.mutual_loss import MAX_PEERS as KERNEL_MAX
+
+        assert MAX_PEERS <= KERNEL_MAX

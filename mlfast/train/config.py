@@ -13,8 +13,11 @@ from mlfast.ops.sparse_optim import SPARSE_OPTIMIZERS
 ENGINES = ("auto", "plain", "fused")
 REGIMES = ("joint", "finetune")
 DEFAULT_BATCH_SIZE = 4096
-# One limit for every backend: the fused loss kernel keeps P x P peer terms in registers.
-MAX_PEERS = 8
+# One limit for every backend, checked once here (the fused loss kernel allows up to
+# mlfast.kernels.mutual_loss.MAX_PEERS; a test keeps this below it).
+MAX_PEERS = 16
+PARALLEL = ("data", "peers", "both")  # mlfast.dist.topology
+DIST_BACKENDS = ("auto", "nccl", "gloo")
 
 
 @dataclass
@@ -64,6 +67,11 @@ class TrainConfig:
     num_threads: int | None = None  # torch CPU threads (None: torch's default)
     progress: bool = True
     tensorboard: bool = False  # also write TensorBoard scalars to <run>/tensorboard
+    # multi-process runs (mlfast.dist; torchrun or --nproc): how ranks split the work, how often a rank's
+    # copies of the other peers are refreshed (1: logits exchanged every step), the collective backend
+    parallel: str = "data"  # data | peers | both
+    exchange_every: int = 1
+    backend: str = "auto"  # auto (NCCL on CUDA, gloo on the CPU) | nccl | gloo
 
     def __post_init__(self) -> None:
         self.validate()
@@ -115,6 +123,12 @@ class TrainConfig:
             bad("max_steps", self.max_steps, "an integer >= 1")
         if self.regime == "finetune" and len(self.peers) < 2:
             bad("regime", self.regime, "at least two peers for mutual fine-tuning")
+        if self.parallel not in PARALLEL:
+            bad("parallel", self.parallel, "one of " + "|".join(PARALLEL))
+        if self.exchange_every < 1:
+            bad("exchange_every", self.exchange_every, "an integer >= 1")
+        if self.backend not in DIST_BACKENDS:
+            bad("backend", self.backend, "one of " + "|".join(DIST_BACKENDS))
 
     def resolved_batch_size(self, num_train_rows: int) -> int:
         if self.batch_size is not None:
