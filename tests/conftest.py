@@ -61,6 +61,11 @@ def pytest_report_header(config) -> str:
     return f"mlfast test seed: {BASE_SEED} (set MLFAST_TEST_SEED={BASE_SEED} to replay)"
 
 
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    # The header is hidden under -q: say it again where every run shows it, next to the result.
+    terminalreporter.write_line(f"mlfast test seed: {BASE_SEED} (replay: MLFAST_TEST_SEED={BASE_SEED} pytest <test>)")
+
+
 @pytest.fixture
 def seed(request) -> int:
     """This test's seed: the session's base seed mixed with the test's node id."""

@@ -296,9 +296,9 @@ def test_worker_exception_reaches_the_caller():
             raise RuntimeError("chunk 3 failed")
 
     with pytest.raises(RuntimeError, match="chunk 3 failed"):
-        D._run_chunks(fn, 8, 1, threads=2)
+        D.parallel_for(fn, 8, 1, threads=2)
     seen = []
-    D._run_chunks(lambda lo, hi: seen.append((lo, hi)), 10, 3, threads=2)
+    D.parallel_for(lambda lo, hi: seen.append((lo, hi)), 10, 3, threads=2)
     assert sorted(seen) == [(0, 3), (3, 6), (6, 9), (9, 10)]  # each piece once
 
 

@@ -4,9 +4,10 @@
 reads the gradient of each looked-up row and touches only the rows that were looked up, never a
 dense gradient of the table.
 
-How one step runs (one parallel region, no locks, deterministic):
+How one step runs (C independent chunks, no locks, deterministic):
 
-* The touched rows are dealt to C chunks (C = numba's thread count) by ``owner(r) = (r >> 4) % C``:
+* The touched rows are dealt to C chunks (C = the shared thread budget, ``mlfast.ops.threads``:
+  torch's thread count) by ``owner(r) = (r >> 4) % C``:
   blocks of 16 consecutive rows, so two threads never write the same cache line of the id->slot map
   and rarely of the table.
 * Pass 1: each chunk scans all N ids in order and, for the rows it owns, gives each new row a slot
@@ -21,22 +22,23 @@ Scanning all N ids once per chunk costs C sequential passes over 8 N bytes, far 
 row traffic of the update itself; in exchange every row is owned by one thread from aggregation to
 update, and each gradient row is read exactly once, never copied. The scratch buffers (the id->slot
 map and the per-step row lists) are kept per Python thread and table size, so a step allocates
-nothing.
+nothing. Each chunk is a serial, GIL-free numba function run by ``parallel_for`` (not numba's
+``prange``, whose OpenMP pool would spin against torch's: see ``mlfast.ops.threads``).
 """
 from __future__ import annotations
 
 import math
 import threading
 
-import numba
 import numpy as np
 import torch
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
 from mlfast.ops.sparse_optim import SparseOptimConfig, SparseOptimState, check_segments, packed_offsets
+from mlfast.ops.threads import budget, parallel_for
 
 _KIND_IDS = {"sgd": 0, "adagrad": 1, "adam": 2}
 _ROW_BLOCK_SHIFT = 4  # rows are dealt to threads in blocks of 2**4
@@ -102,93 +104,96 @@ def _id_bounds(ids):
     return lo, hi
 
 
-@njit(parallel=True, cache=True)
-def _sparse_update_kernel(weight, ids, grads, width, exp_avg, exp_avg_sq, sum_sq, seg_widths, seg_offsets,
-                          kind, lr, beta1, beta2, eps, weight_decay, step_size,
-                          slot, uniq, first, last, nxt, n_chunks):
-    # weight / exp_avg / exp_avg_sq / grads are flat row-major views; unused state arrays are
-    # empty. Scalars arrive as float32 so the update runs in fp32, as the reference does.
+@njit(nogil=True, cache=True)
+def _sparse_update_chunk(c, n_chunks, weight, ids, grads, width, exp_avg, exp_avg_sq, sum_sq, seg_widths,
+                         seg_offsets, kind, lr, beta1, beta2, eps, weight_decay, step_size,
+                         slot, uniq, first, last, nxt):
+    # Chunk c of the step (rows with (r >> _ROW_BLOCK_SHIFT) % n_chunks == c), serial and GIL-free:
+    # the launcher runs the chunks on the shared thread budget. weight / exp_avg / exp_avg_sq / grads
+    # are flat row-major views; unused state arrays are empty. Scalars arrive as float32 so the
+    # update runs in fp32, as the reference does.
     N = ids.shape[0]
     S = seg_widths.shape[0]
     one = np.float32(1.0)
-    for c in prange(n_chunks):
-        base = np.int64(c) * N  # this chunk's region of uniq / first / last
-        # Pass 1: a slot per owned row, and the row's occurrences chained in increasing n
-        # (first[s] -> nxt[n] -> ... -> -1). Only ids are read here; grads are read once, in pass 2.
-        U = 0
-        for n in range(N):
-            r = ids[n]
-            if (r >> _ROW_BLOCK_SHIFT) % n_chunks != c:
-                continue
-            s = slot[r]
-            if s < 0:
-                s = U
-                slot[r] = s
-                uniq[base + s] = r
-                first[base + s] = n
-                U += 1
-            else:
-                nxt[last[base + s]] = n
-            last[base + s] = n
-            nxt[n] = -1
-        # Pass 2: per owned row, sum its gradients along the chain, then update it.
-        g = np.empty(width, np.float32)
-        for s in range(U):
-            if s + _PREFETCH_AHEAD < U:
-                ra = row_offset(uniq[base + s + _PREFETCH_AHEAD], width)
-                _prefetch_row(weight, ra, width)
-                _prefetch_row(grads, row_offset(first[base + s + _PREFETCH_AHEAD], width), width)
-                if kind == 2:
-                    _prefetch_row(exp_avg, ra, width)
-                    _prefetch_row(exp_avg_sq, ra, width)
-                elif kind == 1:
-                    _prefetch(sum_sq, row_offset(uniq[base + s + _PREFETCH_AHEAD], S))
-            r = uniq[base + s]
-            slot[r] = -1
-            # Row views, indexed from 0 inside the loops: numba then drops its negative-index
-            # wraparound and LLVM vectorizes the element loops (adam's sqrt and divide included).
-            n = first[base + s]
+    base = np.int64(c) * N  # this chunk's region of uniq / first / last
+    # Pass 1: a slot per owned row, and the row's occurrences chained in increasing n
+    # (first[s] -> nxt[n] -> ... -> -1). Only ids are read here; grads are read once, in pass 2.
+    U = 0
+    for n in range(N):
+        r = ids[n]
+        if (r >> _ROW_BLOCK_SHIFT) % n_chunks != c:
+            continue
+        s = slot[r]
+        if s < 0:
+            s = U
+            slot[r] = s
+            uniq[base + s] = r
+            first[base + s] = n
+            U += 1
+        else:
+            nxt[last[base + s]] = n
+        last[base + s] = n
+        nxt[n] = -1
+    # Pass 2: per owned row, sum its gradients along the chain, then update it.
+    g = np.empty(width, np.float32)
+    for s in range(U):
+        if s + _PREFETCH_AHEAD < U:
+            ra = row_offset(uniq[base + s + _PREFETCH_AHEAD], width)
+            _prefetch_row(weight, ra, width)
+            _prefetch_row(grads, row_offset(first[base + s + _PREFETCH_AHEAD], width), width)
+            if kind == 2:
+                _prefetch_row(exp_avg, ra, width)
+                _prefetch_row(exp_avg_sq, ra, width)
+            elif kind == 1:
+                _prefetch(sum_sq, row_offset(uniq[base + s + _PREFETCH_AHEAD], S))
+        r = uniq[base + s]
+        slot[r] = -1
+        # Row views, indexed from 0 inside the loops: numba then drops its negative-index
+        # wraparound and LLVM vectorizes the element loops (adam's sqrt and divide included).
+        n = first[base + s]
+        src = row_offset(n, width)
+        gn = grads[src:src + width]
+        for d in range(width):
+            g[d] = gn[d]
+        n = nxt[n]
+        while n >= 0:
             src = row_offset(n, width)
             gn = grads[src:src + width]
             for d in range(width):
-                g[d] = gn[d]
+                g[d] += gn[d]
             n = nxt[n]
-            while n >= 0:
-                src = row_offset(n, width)
-                gn = grads[src:src + width]
-                for d in range(width):
-                    g[d] += gn[d]
-                n = nxt[n]
-            w0 = row_offset(r, width)
-            w = weight[w0:w0 + width]
+        w0 = row_offset(r, width)
+        s0 = row_offset(r, S)
+        # Segment by segment: the columns between them are padding, never written.
+        for k in range(S):
+            wk = seg_widths[k]
+            col = seg_offsets[k]
+            gk = g[col:col + wk]
+            ws = weight[w0 + col:w0 + col + wk]
             if weight_decay != 0:
-                for d in range(width):
-                    g[d] += weight_decay * w[d]
+                for d in range(wk):
+                    gk[d] += weight_decay * ws[d]
             if kind == 0:  # sgd
-                for d in range(width):
-                    w[d] -= lr * g[d]
+                for d in range(wk):
+                    ws[d] -= lr * gk[d]
             elif kind == 1:  # row-wise adagrad: one accumulator per row and segment
-                s0 = row_offset(r, S)
-                for k in range(S):
-                    wk = seg_widths[k]
-                    col = seg_offsets[k]
-                    gk, ws = g[col:col + wk], w[col:col + wk]
-                    sq = np.float32(0.0)
-                    for d in range(wk):
-                        sq += gk[d] * gk[d]
-                    acc_k = sum_sq[s0 + k] + sq / np.float32(wk)
-                    sum_sq[s0 + k] = acc_k
-                    denom = np.sqrt(acc_k) + eps
-                    for d in range(wk):
-                        ws[d] -= lr * gk[d] / denom
+                sq = np.float32(0.0)
+                for d in range(wk):
+                    sq += gk[d] * gk[d]
+                acc_k = sum_sq[s0 + k] + sq / np.float32(wk)
+                sum_sq[s0 + k] = acc_k
+                denom = np.sqrt(acc_k) + eps
+                for d in range(wk):
+                    ws[d] -= lr * gk[d] / denom
             else:  # lazy adam
-                m_row, v_row = exp_avg[w0:w0 + width], exp_avg_sq[w0:w0 + width]
-                for d in range(width):
-                    m = m_row[d] * beta1 + (one - beta1) * g[d]
-                    v = v_row[d] * beta2 + (one - beta2) * g[d] * g[d]
+                m_row = exp_avg[w0 + col:w0 + col + wk]
+                v_row = exp_avg_sq[w0 + col:w0 + col + wk]
+                for d in range(wk):
+                    m = m_row[d] * beta1 + (one - beta1) * gk[d]
+                    v = v_row[d] * beta2 + (one - beta2) * gk[d] * gk[d]
                     m_row[d] = m
                     v_row[d] = v
-                    w[d] -= step_size * m / (np.sqrt(v) + eps)
+                    ws[d] -= step_size * m / (np.sqrt(v) + eps)
 
 
 class _Scratch(threading.local):
@@ -234,8 +239,12 @@ def sparse_update(
     grads: torch.Tensor,
     state: SparseOptimState,
     cfg: SparseOptimConfig,
+    threads: int | None = None,
 ) -> None:
     """One sparse optimizer step in place, with the semantics of ``sparse_update_reference``.
+
+    ``threads``: how many chunks (and threads) the rows are dealt to (default: the shared budget,
+    ``torch.get_num_threads()``); the result is bitwise the same for any count.
 
     ``weight`` [V, W] float32 (contiguous, CPU) is updated in place; ``ids`` [N] (int64 or int32,
     repeats allowed) are the looked-up rows and ``grads`` [N, W] their gradients (cast to float32 if
@@ -286,13 +295,18 @@ def sparse_update(
     grads_np = grads.to(torch.float32).contiguous().numpy().reshape(-1)
     t = state.step
     step_size = cfg.lr * math.sqrt(1 - cfg.beta2**t) / (1 - cfg.beta1**t) if cfg.kind == "adam" else 0.0
-    n_chunks = numba.get_num_threads()
+    n_chunks = budget() if threads is None else max(1, int(threads))
     slot, uniq, first, last, nxt = _SCRATCH.get(V, N, n_chunks)
     f32 = np.float32
-    _sparse_update_kernel(
-        weight.numpy().reshape(-1), ids_np, grads_np, W, exp_avg, exp_avg_sq, sum_sq,
-        np.asarray(segs, np.int64), np.asarray(offs, np.int64), kind, f32(cfg.lr), f32(cfg.beta1), f32(cfg.beta2), f32(cfg.eps),
-        f32(cfg.weight_decay), f32(step_size), slot, uniq, first, last, nxt, n_chunks)
+    args = (weight.numpy().reshape(-1), ids_np, grads_np, W, exp_avg, exp_avg_sq, sum_sq,
+            np.asarray(segs, np.int64), np.asarray(offs, np.int64), kind, f32(cfg.lr), f32(cfg.beta1),
+            f32(cfg.beta2), f32(cfg.eps), f32(cfg.weight_decay), f32(step_size), slot, uniq, first, last, nxt)
+
+    def chunks(lo: int, hi: int) -> None:
+        for c in range(lo, hi):
+            _sparse_update_chunk(c, n_chunks, *args)
+
+    parallel_for(chunks, n_chunks, 1, n_chunks)
 
 
 def warmup() -> None:

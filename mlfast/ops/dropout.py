@@ -40,11 +40,7 @@ for dtypes other than float32, float64 and bfloat16.
 """
 from __future__ import annotations
 
-import itertools
 import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
 
 import numpy as np
 import torch
@@ -52,6 +48,8 @@ import torch.nn.functional as F
 from numba import njit, types
 from numba.extending import overload
 from torch import nn
+
+from mlfast.ops.threads import parallel_for
 
 IMPLS = ("fast", "reference")
 ENV_VAR = "MLFAST_DROPOUT"
@@ -228,73 +226,6 @@ def _check_fast(x: torch.Tensor, p: float) -> None:
         raise ValueError(f"dropout rate p={p!r} must be in [0, 1)")
 
 
-# Threads. The kernels are serial and release the GIL; the launchers cut a call into work items of
-# CHUNK elements that the calling thread and torch.get_num_threads() - 1 pool threads claim one at a
-# time. Why not numba's own prange: its OpenMP pool (the system libgomp) and torch's (a second,
-# bundled libgomp) both spin-wait after each parallel region, so on a 2-core box each pool's idle
-# threads take cores from the other's next region; and a static split stalls on any descheduled
-# thread. Measured on a loaded 2-core machine, [4096, 400] float32: the prange version of the
-# forward took 13.6 ms, this runner 1.7 ms. Here idle workers block, and the calling thread never
-# waits for a worker that has not yet claimed a chunk: with no free core it does all the chunks.
-
-_POOL: ThreadPoolExecutor | None = None
-_POOL_KEY: tuple[int, int] = (0, 0)
-_POOL_LOCK = threading.Lock()
-
-
-def _pool(workers: int) -> ThreadPoolExecutor:
-    global _POOL, _POOL_KEY
-    key = (os.getpid(), workers)  # a forked child has none of the parent's threads
-    with _POOL_LOCK:
-        if _POOL is None or _POOL_KEY != key:
-            if _POOL is not None and _POOL_KEY[0] == key[0]:
-                _POOL.shutdown(wait=False)  # the thread count changed: let the old workers go
-            _POOL = ThreadPoolExecutor(workers, thread_name_prefix="mlfast-dropout")
-            _POOL_KEY = key
-        return _POOL
-
-
-def _run_chunks(fn: Callable[[int, int], None], n: int, chunk: int, threads: int | None = None) -> None:
-    """``fn(lo, hi)`` over [0, n) in pieces of ``chunk`` (multiples of it, but for the last), on up
-    to ``threads`` threads (default ``torch.get_num_threads()``), the calling thread included.
-    A worker's exception is raised on the calling thread."""
-    nchunks = -(-n // chunk)
-    threads = min(torch.get_num_threads() if threads is None else threads, nchunks)
-    if threads <= 1:
-        if n:
-            fn(0, n)
-        return
-    claim = itertools.count()
-    cv = threading.Condition()
-    running, errors = [0], []
-
-    def work() -> None:
-        while True:
-            with cv:
-                c = next(claim)
-                if c >= nchunks or errors:
-                    return
-                running[0] += 1
-            try:
-                fn(c * chunk, min(n, (c + 1) * chunk))
-            except BaseException as e:  # noqa: BLE001 - handed to the calling thread
-                errors.append(e)
-            finally:
-                with cv:
-                    running[0] -= 1
-                    cv.notify_all()
-
-    pool = _pool(threads - 1)
-    for _ in range(threads - 1):
-        pool.submit(work)
-    work()
-    with cv:
-        while running[0]:
-            cv.wait()
-    if errors:
-        raise errors[0]
-
-
 def relu_dropout_forward(x: torch.Tensor, p: float, seed: int, counter: int,
                          threads: int | None = None) -> torch.Tensor:
     """y = relu(x) * keep(seed, counter, i) / (1 - p) elementwise (flat index i), as a new tensor.
@@ -318,7 +249,7 @@ def relu_dropout_forward(x: torch.Tensor, p: float, seed: int, counter: int,
         _relu_dropout_fwd_kernel(xf[lo * BLOCK:hi * BLOCK], yf[lo * BLOCK:hi * BLOCK], u(lo * LANES), *key)
 
     nb = n // BLOCK
-    _run_chunks(blocks, nb, max(1, CHUNK // BLOCK), threads)
+    parallel_for(blocks, nb, max(1, CHUNK // BLOCK), threads)
     if n > nb * BLOCK:  # the last, partial block: the same kernel on a zero-padded copy
         xt, yt = np.zeros(BLOCK, xf.dtype), np.empty(BLOCK, yf.dtype)
         xt[:n - nb * BLOCK] = xf[nb * BLOCK:]
@@ -340,7 +271,7 @@ def relu_dropout_backward(grad: torch.Tensor, y: torch.Tensor, p: float,
     def elements(lo: int, hi: int) -> None:
         _relu_dropout_bwd_kernel(gf[lo:hi], yf[lo:hi], gxf[lo:hi], scale)
 
-    _run_chunks(elements, y.numel(), 2 * CHUNK, threads)
+    parallel_for(elements, y.numel(), 2 * CHUNK, threads)
     return gx
 
 

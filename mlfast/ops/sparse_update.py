@@ -15,15 +15,39 @@ kernels at every step (a captured CUDA graph follows an in-place ``lr.fill_``).
 from __future__ import annotations
 
 import dataclasses
+import mmap
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from mlfast.ops.embedding import TableLayout
 from mlfast.ops.sparse_optim import SparseOptimConfig, SparseOptimState, sparse_update_reference
 
 UPDATE_BACKENDS = ("triton", "numba", "reference")
+
+
+def lazy_zeros(shape: tuple[int, ...], device=None, dtype=np.float32, huge_pages: bool = False) -> torch.Tensor:
+    """A zero tensor whose untouched pages cost no memory on the CPU. On CUDA: ``torch.zeros``.
+
+    On the CPU it is an anonymous private mapping, which the OS backs with zero pages on first
+    write, 4 KiB at a time. Not ``torch.zeros`` (it writes every byte) nor, by default, ``np.zeros``
+    (numpy asks for transparent huge pages on large arrays: a table's rows, touched at random, then
+    back 2 MiB each, and a 3.4M-row table touched at 5,000 rows costs all of its 490 MB).
+    ``huge_pages=True`` is for tables the data will touch everywhere anyway: there 2 MiB pages make
+    the random row updates faster (measured: the numba Adam step on a fully touched 3.4M x 36 table,
+    43 ms with huge pages, 57 ms without, B=4096 x 39 ids, 2-core Xeon)."""
+    dt = np.dtype(dtype)
+    if device is not None and torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=torch.from_numpy(np.zeros(0, dt)).dtype, device=device)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+    if nbytes < (1 << 20) or huge_pages:
+        return torch.from_numpy(np.zeros(shape, dt))
+    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        buf.madvise(mmap.MADV_NOHUGEPAGE)
+    return torch.from_numpy(np.frombuffer(buf, dtype=dt).reshape(shape))
 
 
 @dataclass
@@ -49,16 +73,16 @@ class TableOptimState:
 
     @classmethod
     def create(cls, num_rows: int, layout: TableLayout, cfg: SparseOptimConfig, device=None,
-               lr: torch.Tensor | None = None) -> "TableOptimState":
+               lr: torch.Tensor | None = None, huge_pages: bool = False) -> "TableOptimState":
         """Zero state (``torch.zeros``: on the CPU untouched pages cost no memory). ``lr`` may be a
         [1] float32 tensor shared with the dense optimizer: one learning rate for the whole model."""
         st = cls(step=torch.zeros(1, dtype=torch.int64, device=device),
                  lr=lr if lr is not None else torch.full((1,), cfg.lr, dtype=torch.float32, device=device))
         if cfg.kind == "adagrad":
-            st.sum_sq = torch.zeros(num_rows, layout.num_peers, dtype=torch.float32, device=device)
+            st.sum_sq = lazy_zeros((num_rows, layout.num_peers), device, huge_pages=huge_pages)
         elif cfg.kind == "adam":
-            st.exp_avg = torch.zeros(num_rows, layout.row_width, dtype=torch.float32, device=device)
-            st.exp_avg_sq = torch.zeros(num_rows, layout.row_width, dtype=torch.float32, device=device)
+            st.exp_avg = lazy_zeros((num_rows, layout.row_width), device, huge_pages=huge_pages)
+            st.exp_avg_sq = lazy_zeros((num_rows, layout.row_width), device, huge_pages=huge_pages)
         return st
 
     def tensors(self) -> dict[str, torch.Tensor]:

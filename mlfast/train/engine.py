@@ -224,23 +224,24 @@ def resolve_engine(cfg: TrainConfig) -> str:
 
 def build_group(specs: Sequence[PeerSpec], schema: FeatureSchema, cfg: TrainConfig, device: torch.device,
                 seeds: Sequence[int], lr: torch.Tensor | None = None, engine: str | None = None,
-                backends: Backends | None = None) -> PeerGroup:
+                backends: Backends | None = None, dense_touch: bool = False) -> PeerGroup:
     """The group an engine of kind ``engine`` (default: the config's) trains."""
     kind = engine or resolve_engine(cfg)
     if kind == "fused":
         backends = backends or select_backends(cfg.kernels, device, cfg.deterministic)
         opt = SparseOptimConfig(kind=cfg.sparse_optimizer, lr=cfg.lr, weight_decay=cfg.embedding_l2)
         return PeerGroup.build(specs, schema, embedding_dim=cfg.embedding_dim, seeds=seeds, kind="fused",
-                               optimizer=opt, backends=backends, device=device, lr=lr)
+                               optimizer=opt, backends=backends, device=device, lr=lr, dense_touch=dense_touch)
     return PeerGroup.build(specs, schema, embedding_dim=cfg.embedding_dim, seeds=seeds, kind="dense", device=device)
 
 
 def make_engine(specs: Sequence[PeerSpec], schema: FeatureSchema, cfg: TrainConfig, device: torch.device,
                 seeds: Sequence[int], lr: float | None = None, engine: str | None = None,
-                backends: Backends | None = None) -> Engine:
-    """A fresh group of ``specs`` and the engine that trains it."""
+                backends: Backends | None = None, dense_touch: bool = False) -> Engine:
+    """A fresh group of ``specs`` and the engine that trains it (``dense_touch``: the data will
+    look up most table rows, see `PeerTables`)."""
     kind = engine or resolve_engine(cfg)
     lr = float(cfg.lr if lr is None else lr)
     lr_t = torch.full((1,), lr, dtype=torch.float32, device=device)
-    group = build_group(specs, schema, cfg, device, seeds, lr_t, kind, backends)
+    group = build_group(specs, schema, cfg, device, seeds, lr_t, kind, backends, dense_touch)
     return ENGINES[kind](group, cfg, device, lr, lr_t)

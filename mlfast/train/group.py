@@ -67,7 +67,7 @@ class PeerGroup(nn.Module):
               kind: str = "fused", optimizer: SparseOptimConfig | None = None, backends: Backends | None = None,
               device: str | torch.device | None = None, lr: torch.Tensor | None = None,
               out_dtype: torch.dtype | None = None, bounds_check: bool = False, sparse_grad: bool = False,
-              init_std: float = EMBEDDING_INIT_STD) -> "PeerGroup":
+              init_std: float = EMBEDDING_INIT_STD, dense_touch: bool = False) -> "PeerGroup":
         """Models built from ``seeds`` (peer i's dense layers under ``torch.manual_seed(seeds[i])``,
         its table columns from the same seed), so a peer starts from the same weights whatever
         group or table kind it is in. ``kind``: "fused" (`PeerTables`) or "dense" (`DenseTables`,
@@ -86,7 +86,8 @@ class PeerGroup(nn.Module):
         if kind == "fused":
             tables: PeerTables | DenseTables = PeerTables(
                 schema.table_rows, widths, labels=labels, seeds=seeds, init_std=init_std, optimizer=optimizer,
-                backends=backends, device=device, lr=lr, out_dtype=out_dtype, bounds_check=bounds_check)
+                backends=backends, device=device, lr=lr, out_dtype=out_dtype, bounds_check=bounds_check,
+                dense_touch=dense_touch)
         else:
             tables = DenseTables(schema.table_rows, widths, labels=labels, seeds=seeds, init_std=init_std,
                                  device=device, sparse_grad=sparse_grad)

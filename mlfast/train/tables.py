@@ -31,7 +31,7 @@ from mlfast.ops.backends import Backends, select_backends
 from mlfast.ops.counter_rng import normal_rows
 from mlfast.ops.embedding import Bags, TableLayout, _check_ids, check_bags, lookup
 from mlfast.ops.sparse_optim import SparseOptimConfig
-from mlfast.ops.sparse_update import TableOptimState, sparse_update
+from mlfast.ops.sparse_update import TableOptimState, lazy_zeros, sparse_update
 
 EMBEDDING_INIT_STD = 1e-4  # FuxiCTR's default embedding initialiser: N(0, 1e-4)
 _INIT_CHUNK_ROWS = 1 << 20
@@ -104,7 +104,8 @@ class PeerTables(_TableBase):
 
     ``optimizer=None`` makes inference-only tables (no optimizer state). ``backends`` chooses the
     lookup / update kernels (``mlfast.ops.backends.select_backends``); ``lr`` may be a [1] tensor
-    shared with the dense optimizer.
+    shared with the dense optimizer. ``dense_touch``: the data will look up most rows (CPU memory
+    in huge pages; otherwise a row's memory exists only once it is touched).
 
     Example::
 
@@ -121,7 +122,8 @@ class PeerTables(_TableBase):
                  seeds: Sequence[int] | None = None, init_std: float = EMBEDDING_INIT_STD,
                  optimizer: SparseOptimConfig | None = None, backends: Backends | None = None,
                  device: str | torch.device | None = None, align: int = 4, lazy: bool | None = None,
-                 lr: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, bounds_check: bool = False):
+                 lr: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, bounds_check: bool = False,
+                 dense_touch: bool = False):
         super().__init__(num_rows, widths, labels, seeds, init_std, align)
         device = torch.device(device) if device is not None else torch.device("cpu")
         self.backends = backends or select_backends("auto", device)
@@ -132,13 +134,14 @@ class PeerTables(_TableBase):
         if self.lazy and device.type != "cpu":
             raise ValueError("lazy row initialisation runs on the CPU only")
         V, R = self.num_rows, self.layout.row_width
-        # torch.zeros: the CPU allocator's pages stay unbacked until a row is written
-        self.register_buffer("weight", torch.zeros(V, R, dtype=torch.float32, device=device))
-        self.register_buffer("updated", torch.zeros(V, dtype=torch.bool, device=device))
+        # lazy_zeros: on the CPU the pages of rows never written are never backed by memory, unless
+        # the data will touch most rows anyway (dense_touch): then huge pages, for faster updates
+        self.register_buffer("weight", lazy_zeros((V, R), device, huge_pages=dense_touch))
+        self.register_buffer("updated", lazy_zeros((V,), device, np.bool_))
         self._live = np.zeros(V, np.bool_) if self.lazy else None
         self.state: TableOptimState | None = None
         if optimizer is not None:
-            self.state = TableOptimState.create(V, self.layout, optimizer, device, lr)
+            self.state = TableOptimState.create(V, self.layout, optimizer, device, lr, huge_pages=dense_touch)
             for k, t in self.state.tensors().items():
                 self.register_buffer(k, t)
             self.register_buffer("step", self.state.step)

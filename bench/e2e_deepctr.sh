@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# End to end, raw Criteo-format file to a trained DeepFM, mlfast against DeepCTR-Torch, in one
+# sitting on this machine (issue: "End to end on 500k generated rows ... >= 3x DeepCTR-Torch").
+#
+#   bash bench/e2e_deepctr.sh [ROWS]        # default 500000; writes bench/results/e2e_cpu.json
+#
+# DeepCTR-Torch is installed from PyPI into its own venv (/tmp/mlfast-e2e-deepctr), next to the
+# same torch (2.13.0, CPU) that mlfast's venv has; its side is bench/e2e_deepctr.py. mlfast runs in
+# the active venv. Both: the same generated file, DeepFM, dim 16, MLP 400-400-400 + BN + dropout
+# 0.2, Adam 1e-3, batch 4096, one epoch, timed from process start (imports included) to the end.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROWS=${1:-500000}
+WORK=${MLFAST_E2E_DIR:-/tmp/mlfast-e2e}
+VENV=/tmp/mlfast-e2e-deepctr
+mkdir -p "$WORK" bench/results
+DATA="$WORK/criteo_synth_${ROWS}.tsv"
+[ -f "$DATA" ] || mlfast synth "$DATA" --rows "$ROWS" --seed 3
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q torch==2.13.0
+  "$VENV/bin/pip" install -q deepctr-torch pandas scikit-learn
+fi
+echo "== DeepCTR-Torch"
+"$VENV/bin/python" bench/e2e_deepctr.py "$DATA" --json "$WORK/deepctr.json"
+echo "== mlfast"
+rm -rf "$WORK/mlfast-run"
+t0=$(date +%s.%N)
+mlfast train "$DATA" --peers deepfm --epochs 1 --batch-size 4096 --no-cache --quiet --out "$WORK/mlfast-run" \
+  --use-dense > "$WORK/mlfast.txt"
+t1=$(date +%s.%N)
+python - "$WORK" "$t0" "$t1" "$ROWS" <<'PY'
+import json, platform, sys
+from pathlib import Path
+work, t0, t1, rows = Path(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+d = json.loads((work / "deepctr.json").read_text())
+m = json.loads((work / "mlfast-run" / "metrics.json").read_text())
+from mlfast.ops.cpu_features import cpu_features
+mine = {"tool": "mlfast", "total_s": t1 - t0, "train_s": m["train"]["train_seconds"],
+        "train_samples_per_s": m["train"]["samples_per_second"], "valid_auc": m["valid"]["deepfm"]["auc"]}
+res = {"rows": rows, "cpu": cpu_features(), "deepctr_torch": d, "mlfast": mine,
+       "x_end_to_end": d["total_s"] / mine["total_s"], "x_training": mine["train_samples_per_s"] / d["train_samples_per_s"]}
+Path("bench/results/e2e_cpu.json").write_text(json.dumps(res, indent=1) + "\n")
+print(f"end to end: DeepCTR-Torch {d['total_s']:.1f} s, mlfast {mine['total_s']:.1f} s: x{res['x_end_to_end']:.2f}")
+print(f"training: {d['train_samples_per_s']:,.0f} vs {mine['train_samples_per_s']:,.0f} samples/s: x{res['x_training']:.2f}")
+print(f"valid AUC: DeepCTR-Torch {d['valid_auc']:.4f} (last 10% of rows), mlfast {mine['valid_auc']:.4f} (seeded 8:1:1 split)")
+PY
