@@ -175,6 +175,8 @@ ArrowBatchParser::ArrowBatchParser(ReaderSpec spec)
     throw std::invalid_argument("field_ids, buckets and offsets disagree on the number of fields");
   if (num_bags_ < 0 || num_sparse_ < 0) throw std::invalid_argument("num_bags out of range");
   if (spec_.num_threads < 1) throw std::invalid_argument("num_threads must be >= 1");
+  if (spec_.id_column != -1)  // mlfast/io/arrow.py takes an id column's text from pyarrow, by the rows' `lines`
+    throw std::invalid_argument("the Arrow parser hands out no id column (id_column must be -1)");
   std::vector<int> dense_writers(num_dense_, 0), field_writers(nfields, 0);
   int labels = 0;
   for (const ColumnSpec& c : spec_.columns) {
@@ -426,7 +428,8 @@ std::string ArrowBatchParser::value_text(const ArrowColumn& col, int64_t i) cons
 }
 
 ArrowBatchParser::Result ArrowBatchParser::parse_range(const std::vector<const ArrowColumn*>& columns,
-                                                       int64_t begin, int64_t end, Out out, BagValues* bags) const {
+                                                       int64_t begin, int64_t end, int64_t row_base, Out out,
+                                                       BagValues* bags) const {
   Result res;
   const int ncols = static_cast<int>(columns.size());
   const bool skip = spec_.skip_bad;
@@ -447,6 +450,7 @@ ArrowBatchParser::Result ArrowBatchParser::parse_range(const std::vector<const A
     }
     if (bad < 0) {
       ++res.rows;
+      *out.lines++ = row_base + i;
       if (out.labels) ++out.labels;
       out.dense += num_dense_;
       out.missing += num_dense_;
@@ -488,7 +492,7 @@ void ArrowBatchParser::parse(const std::vector<const ArrowColumn*>& columns, int
     columns[k]->validate("column " + cs.name);
   }
   const int64_t row0 = c->rows;
-  for (RowBuffer* buf : {&c->labels, &c->dense, &c->missing, &c->sparse, &c->bag_lengths})
+  for (RowBuffer* buf : {&c->labels, &c->dense, &c->missing, &c->sparse, &c->bag_lengths, &c->lines})
     buf->reserve_rows(row0 + rows);
   // Rows per thread at least spec.min_range_bytes (for Arrow input a row count: smaller shares are
   // not worth a thread; tests lower it to split small batches).
@@ -507,14 +511,14 @@ void ArrowBatchParser::parse(const std::vector<const ArrowColumn*>& columns, int
   auto out_at = [&](int64_t r) {
     return Out{reinterpret_cast<float*>(c->labels.row(r)), reinterpret_cast<float*>(c->dense.row(r)),
                reinterpret_cast<uint8_t*>(c->missing.row(r)), reinterpret_cast<int64_t*>(c->sparse.row(r)),
-               reinterpret_cast<int64_t*>(c->bag_lengths.row(r))};
+               reinterpret_cast<int64_t*>(c->bag_lengths.row(r)), reinterpret_cast<int64_t*>(c->lines.row(r))};
   };
   std::vector<Result> results(ranges);
   parallel_for(ranges, [&](int r) {
     BagValues* bags = r == 0 ? c->bags.data() : num_bags_ > 0 ? range_bags_[r - 1].data() : nullptr;
     Out out = out_at(row0 + cut[r]);
     if (!spec_.has_label) out.labels = nullptr;
-    results[r] = parse_range(columns, cut[r], cut[r + 1], out, bags);
+    results[r] = parse_range(columns, cut[r], cut[r + 1], first_row - 1, out, bags);
   });
   for (const Result& r : results)  // ranges run in row order: the first failure is the batch's first
     if (r.failed) {
@@ -534,7 +538,7 @@ void ArrowBatchParser::parse(const std::vector<const ArrowColumn*>& columns, int
     const int64_t src = row0 + cut[r];
     const int64_t n = results[r].rows;
     if (dst != src && n > 0)
-      for (RowBuffer* buf : {&c->labels, &c->dense, &c->missing, &c->sparse, &c->bag_lengths})
+      for (RowBuffer* buf : {&c->labels, &c->dense, &c->missing, &c->sparse, &c->bag_lengths, &c->lines})
         if (buf->row_bytes()) std::memmove(buf->row(dst), buf->row(src), static_cast<size_t>(n) * buf->row_bytes());
     dst += n;
     for (int k = 0; k < kNumReasons; ++k) c->skipped[k] += results[r].skipped[k];

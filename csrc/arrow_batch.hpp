@@ -72,7 +72,8 @@ struct ArrowColumn {
 class ArrowBatchParser {
  public:
   explicit ArrowBatchParser(ReaderSpec spec);
-  // Parses `rows` rows whose first is row `first_row` (1-based) of the file, appending to *out.
+  // Parses `rows` rows whose first is row `first_row` (1-based) of the file, appending to *out (whose
+  // `lines` get each kept row's 0-based row index in the file: first_row - 1 + its index in the batch).
   // columns[c] is spec column c's array (nullptr for ignored columns), each `rows` long.
   // A bad row throws ParseFailure (line = its row, found_fields = 0 when the value was null, 1
   // otherwise), or is dropped and counted when the spec skips bad rows.
@@ -96,9 +97,11 @@ class ArrowBatchParser {
     uint8_t* missing;
     int64_t* sparse;
     int64_t* bag_lengths;
+    int64_t* lines;  // each kept row's 0-based row index in the file
   };
-  Result parse_range(const std::vector<const ArrowColumn*>& columns, int64_t begin, int64_t end, Out out,
-                     BagValues* bags) const;
+  // Rows [begin, end) of the batch, whose row 0 is row `row_base` (0-based) of the file.
+  Result parse_range(const std::vector<const ArrowColumn*>& columns, int64_t begin, int64_t end, int64_t row_base,
+                     Out out, BagValues* bags) const;
   // Parses row i's column c into the row's outputs; kOk or why not (*null: the value was null).
   Reason parse_value(int c, const ArrowColumn& col, int64_t i, float* label, float* dense, uint8_t* missing,
                      int64_t* sparse, BagValues* bags, int64_t* bag_lengths, bool* null) const;

@@ -77,6 +77,7 @@ ReaderSpec spec_from_dict(const py::dict& d) {
   s.block_bytes = d["block_bytes"].cast<size_t>();
   if (d.contains("min_range_bytes")) s.min_range_bytes = d["min_range_bytes"].cast<size_t>();
   if (d.contains("vector_hash")) s.vector_hash = d["vector_hash"].cast<bool>();
+  if (d.contains("id_column") && !d["id_column"].is_none()) s.id_column = d["id_column"].cast<int>();
   return s;
 }
 
@@ -113,6 +114,12 @@ py::dict chunk_to_dict(Chunk& c, const ReaderSpec& s) {
       values.append(a.attr("reshape")(b.size()));
     }
     d["bag_values"] = values;
+  }
+  d["lines"] = take<int64_t>(c.lines, n, 1).attr("reshape")(n);
+  if (s.id_column >= 0) {
+    d["id_lengths"] = take<int64_t>(c.id_lengths, n, 1).attr("reshape")(n);
+    const int64_t nbytes = c.ids.size();
+    d["id_data"] = take<uint8_t>(c.ids.buffer(), nbytes, 1).attr("reshape")(nbytes);
   }
   py::dict skipped;
   for (int k = 1; k < kNumReasons; ++k)
@@ -263,6 +270,7 @@ class PyArrowParser {
     c->missing.shrink_to(c->rows);
     c->sparse.shrink_to(c->rows);
     c->bag_lengths.shrink_to(c->rows);
+    c->lines.shrink_to(c->rows);
     for (BagValues& b : c->bags) b.shrink();
   }
   std::mutex mu_;

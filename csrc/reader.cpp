@@ -519,6 +519,15 @@ void BagValues::append(BagValues* other) {
   other->size_ = 0;
 }
 
+void ByteValues::append(ByteValues* other) {
+  if (other->size_ > 0) {
+    bytes_.reserve_rows(size_ + other->size_);
+    std::memcpy(bytes_.row(size_), other->bytes_.row(0), static_cast<size_t>(other->size_));
+    size_ += other->size_;
+  }
+  other->size_ = 0;
+}
+
 // ----------------------------------------------------------------------------------------------
 // BlockReader
 
@@ -705,6 +714,9 @@ Reader::Reader(const std::string& path, ReaderSpec spec)
       throw std::invalid_argument(std::string("the quote cannot be the bag separator ('") + q + "')");
   }
   if (spec_.num_threads < 1) throw std::invalid_argument("num_threads must be >= 1");
+  if (spec_.id_column < -1 || spec_.id_column >= ncols_)
+    throw std::invalid_argument("id_column " + std::to_string(spec_.id_column) + " is not one of the " +
+                                std::to_string(ncols_) + " columns (or -1: none)");
   // Every output slot must be written by exactly one column, or a row would hold stale bytes.
   std::vector<int> dense_writers(num_dense_, 0), sparse_writers(num_sparse_, 0), bag_writers(num_bags_, 0);
   int labels = 0;
@@ -785,6 +797,7 @@ Chunk Reader::new_chunk() const {
   c.sparse = RowBuffer(sizeof(int64_t) * num_sparse_);
   c.bag_lengths = RowBuffer(sizeof(int64_t) * num_bags_);
   c.bags.resize(num_bags_);
+  c.id_lengths = RowBuffer(spec_.id_column >= 0 ? sizeof(int64_t) : 0);
   c.first_line = next_line_;
   return c;
 }
@@ -810,6 +823,9 @@ bool Reader::next_chunk(Chunk* out) {
   c.sparse.shrink_to(c.rows);
   c.bag_lengths.shrink_to(c.rows);
   for (BagValues& b : c.bags) b.shrink();
+  c.lines.shrink_to(c.rows);
+  c.id_lengths.shrink_to(c.rows);
+  c.ids.shrink();
   *out = std::move(c);
   return true;
 }
@@ -831,6 +847,9 @@ void Reader::read_all(Chunk* out) {
   c.sparse.shrink_to(c.rows);
   c.bag_lengths.shrink_to(c.rows);
   for (BagValues& b : c.bags) b.shrink();
+  c.lines.shrink_to(c.rows);
+  c.id_lengths.shrink_to(c.rows);
+  c.ids.shrink();
   *out = std::move(c);
 }
 
@@ -840,17 +859,20 @@ void Reader::reserve(Chunk* c, int64_t rows) const {
   c->missing.reserve_rows(rows);
   c->sparse.reserve_rows(rows);
   c->bag_lengths.reserve_rows(rows);
+  c->lines.reserve_rows(rows);
+  c->id_lengths.reserve_rows(rows);
 }
 
 int64_t Reader::capacity(const Chunk& c) const {
   return std::min({c.labels.capacity(), c.dense.capacity(), c.missing.capacity(), c.sparse.capacity(),
-                   c.bag_lengths.capacity()});
+                   c.bag_lengths.capacity(), c.lines.capacity(), c.id_lengths.capacity()});
 }
 
 Reader::Out Reader::out_at(const Chunk& c, int64_t r) const {
   return Out{reinterpret_cast<float*>(c.labels.row(r)), reinterpret_cast<float*>(c.dense.row(r)),
              reinterpret_cast<uint8_t*>(c.missing.row(r)), reinterpret_cast<int64_t*>(c.sparse.row(r)),
-             reinterpret_cast<int64_t*>(c.bag_lengths.row(r))};
+             reinterpret_cast<int64_t*>(c.bag_lengths.row(r)), reinterpret_cast<int64_t*>(c.lines.row(r)),
+             reinterpret_cast<int64_t*>(c.id_lengths.row(r))};
 }
 
 void Reader::parse_block(const BlockReader::Block& b, Chunk* c, uint64_t expect_bytes) {
@@ -909,7 +931,8 @@ void Reader::parse_block(const BlockReader::Block& b, Chunk* c, uint64_t expect_
     for (;;) {
       const double per_row = bytes_per_row_ / 1.05;
       reserve(c, c->rows + static_cast<int64_t>(static_cast<double>(e - p) / per_row) + 16);
-      const Result r = parse_range(p, e, line, out_at(*c, c->rows), capacity(*c) - c->rows, c->bags.data());
+      const Result r =
+          parse_range(p, e, line, out_at(*c, c->rows), capacity(*c) - c->rows, c->bags.data(), &c->ids);
       if (r.failed) {
         done_ = true;
         fail_checked(r);
@@ -940,10 +963,16 @@ void Reader::parse_block(const BlockReader::Block& b, Chunk* c, uint64_t expect_
       for (BagValues& b : bags) b.truncate(0);  // a failed block may have left ids behind
     }
   }
+  if (spec_.id_column >= 0) {
+    range_ids_.resize(ranges - 1);
+    for (ByteValues& ids : range_ids_) ids.truncate(0);
+  }
   std::vector<Result> results(ranges);
   parallel_for(ranges, [&](int i) {
     BagValues* bags = i == 0 ? c->bags.data() : num_bags_ > 0 ? range_bags_[i - 1].data() : nullptr;
-    results[i] = parse_range(cut[i], cut[i + 1], next_line_ + first[i], out_at(*c, row0 + first[i]), lines[i], bags);
+    ByteValues* ids = i == 0 ? &c->ids : spec_.id_column >= 0 ? &range_ids_[i - 1] : nullptr;
+    results[i] =
+        parse_range(cut[i], cut[i + 1], next_line_ + first[i], out_at(*c, row0 + first[i]), lines[i], bags, ids);
   });
   // The ranges run in file order, so the first failed range holds the file's first bad line.
   for (const Result& r : results)
@@ -953,6 +982,8 @@ void Reader::parse_block(const BlockReader::Block& b, Chunk* c, uint64_t expect_
     }
   for (std::vector<BagValues>& bags : range_bags_)
     for (int s = 0; s < num_bags_; ++s) c->bags[s].append(&bags[s]);
+  if (spec_.id_column >= 0)
+    for (ByteValues& ids : range_ids_) c->ids.append(&ids);
 
   // Close the gaps skipped and blank lines left at the end of each range's slice.
   int64_t dst = row0;
@@ -960,7 +991,8 @@ void Reader::parse_block(const BlockReader::Block& b, Chunk* c, uint64_t expect_
     const int64_t src = row0 + first[i];
     const int64_t n = results[i].rows;
     if (dst != src && n > 0) {
-      for (RowBuffer* buf : {&c->labels, &c->dense, &c->missing, &c->sparse, &c->bag_lengths})
+      for (RowBuffer* buf : {&c->labels, &c->dense, &c->missing, &c->sparse, &c->bag_lengths, &c->lines,
+                             &c->id_lengths})
         if (buf->row_bytes()) std::memmove(buf->row(dst), buf->row(src), static_cast<size_t>(n) * buf->row_bytes());
     }
     dst += n;
@@ -1149,6 +1181,15 @@ inline void Reader::hash_row(const uint64_t* vals, const uint8_t* absent, int64_
   }
 }
 
+// Out of the hot loop (called once per kept row, and only with an id column), so that parsing
+// without one compiles as before.
+__attribute__((noinline)) void Reader::keep_id(const uintptr_t* ends, int64_t* length, ByteValues* ids) const {
+  const int c = spec_.id_column;
+  const size_t n = static_cast<size_t>(ends[c + 1] - ends[c] - 1);
+  ids->push(reinterpret_cast<const char*>(ends[c] + 1), n);
+  *length = static_cast<int64_t>(n);
+}
+
 // Splits a line that holds the quote byte, field by field from the left: a field starting with
 // the quote runs to the quote that is not doubled, which must be followed by the delimiter or the
 // line end; any other field runs to the next delimiter, taken as it is. The slow path of quoted
@@ -1210,18 +1251,19 @@ __attribute__((noinline)) Reader::Split Reader::split_quoted(const char* s, cons
 }
 
 Reader::Result Reader::parse_range(const char* begin, const char* end, int64_t first_line, Out out,
-                                   int64_t max_rows, BagValues* bags) const {
+                                   int64_t max_rows, BagValues* bags, ByteValues* ids) const {
   if (spec_.quote >= 0) {
     QuoteScratch scratch;
     scratch.ends.resize(ncols_ + 1);
-    return parse_range_impl<true>(begin, end, first_line, out, max_rows, bags, &scratch);
+    return parse_range_impl<true>(begin, end, first_line, out, max_rows, bags, ids, &scratch);
   }
-  return parse_range_impl<false>(begin, end, first_line, out, max_rows, bags, nullptr);
+  return parse_range_impl<false>(begin, end, first_line, out, max_rows, bags, ids, nullptr);
 }
 
 template <bool kQuoted>
 Reader::Result Reader::parse_range_impl(const char* begin, const char* end, int64_t first_line, Out out,
-                                        int64_t max_rows, BagValues* bags, QuoteScratch* scratch) const {
+                                        int64_t max_rows, BagValues* bags, ByteValues* ids,
+                                        QuoteScratch* scratch) const {
   Result res;
   const int last = ncols_ - 1;
   const char delim = spec_.delimiter;
@@ -1232,6 +1274,9 @@ Reader::Result Reader::parse_range_impl(const char* begin, const char* end, int6
   float* dense = out.dense;
   uint8_t* missing = out.missing;
   int64_t* sparse = out.sparse;
+  int64_t* row_line = out.lines;
+  int64_t* id_length = out.id_lengths;
+  const bool with_id = spec_.id_column >= 0;
   BagOut bag_out{bags, out.bag_lengths};
   // ends[0]: the byte before the line; ends[c + 1]: where column c ends (its delimiter or the
   // line end). Addresses as integers: ends[0] may point just before the buffer.
@@ -1332,6 +1377,8 @@ Reader::Result Reader::parse_range_impl(const char* begin, const char* end, int6
       }
       if (why == kOk) {
         hash_row(vals.data(), absent.data(), sparse);
+        *row_line++ = line;
+        if (with_id) keep_id(le, id_length++, ids);
         ++rows;
         if (label) ++label;
         dense += D;

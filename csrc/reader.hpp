@@ -12,6 +12,7 @@
 // parallel newline count).
 #pragma once
 
+#include <algorithm>
 #include <array>
 #include <climits>
 #include <cstdint>
@@ -74,6 +75,9 @@ struct ReaderSpec {
   size_t block_bytes = size_t(64) << 20;        // input per chunk (next_chunk)
   size_t min_range_bytes = size_t(256) << 10;  // smallest per-thread share of a block
   bool vector_hash = true;                      // allow hash_row_avx512 (tests turn it off)
+  // The column whose raw value (unquoted) each kept row also hands out as text (CTRData.ids), or
+  // -1. Any column, a feature column too: its bytes are copied as they are, never checked.
+  int id_column = -1;
   int num_sparse() const { return static_cast<int>(field_ids.size()) - num_bags; }  // F
 };
 
@@ -221,11 +225,39 @@ inline Reason parse_bag_cell(const unsigned char* p, size_t n, char sep, const F
   return kOk;
 }
 
+// Bytes of variable-length values (the id column's), all rows' concatenated in row order.
+class ByteValues {
+ public:
+  int64_t size() const { return size_; }
+  void push(const char* p, size_t n) {
+    if (n == 0) return;
+    const int64_t need = size_ + static_cast<int64_t>(n);
+    if (need > bytes_.capacity()) bytes_.reserve_rows(std::max<int64_t>(need, int64_t(1) << 16));  // grows by 1.5x
+    std::memcpy(bytes_.row(size_), p, n);
+    size_ = need;
+  }
+  void truncate(int64_t size) { size_ = size; }
+  // Moves other's bytes to the end of this one and empties other (keeping its memory).
+  void append(ByteValues* other);
+  void shrink() { bytes_.shrink_to(size_); }
+  RowBuffer& buffer() { return bytes_; }
+
+ private:
+  RowBuffer bytes_{1};
+  int64_t size_ = 0;
+};
+
 // Parsed rows: what one next_chunk() / read_all() returns.
 struct Chunk {
   RowBuffer labels, dense, missing, sparse;
   RowBuffer bag_lengths;        // [rows, num_bags] int64: each row's number of ids per bag field
   std::vector<BagValues> bags;  // num_bags
+  // [rows] int64: where each row came from. Text: its 1-based line number in the (decompressed)
+  // file, header and blank lines counted; Arrow: its 0-based row index in the file. Written by the
+  // parsing threads as they keep a row: no pass of its own.
+  RowBuffer lines{sizeof(int64_t)};
+  RowBuffer id_lengths;  // [rows] int64 with an id column (else 0 wide): each row's id byte count
+  ByteValues ids;        // the id column's bytes, all rows' concatenated
   int64_t rows = 0;
   int64_t first_line = 0;  // 1-based line number of the first line this chunk covered
   int64_t end_line = 0;    // one past the last line covered
@@ -294,6 +326,8 @@ class Reader {
     uint8_t* missing;
     int64_t* sparse;
     int64_t* bag_lengths;
+    int64_t* lines;
+    int64_t* id_lengths;
   };
   struct Result {
     int64_t rows = 0;
@@ -311,9 +345,9 @@ class Reader {
   Chunk new_chunk() const;
   // Parses one block into c; expect_bytes: the input c should cover in all (sizes its buffers).
   void parse_block(const BlockReader::Block& b, Chunk* c, uint64_t expect_bytes);
-  // Fixed-width outputs go to out, bag ids are appended to bags (num_bags of them).
+  // Fixed-width outputs go to out, bag ids are appended to bags (num_bags of them), id bytes to ids.
   Result parse_range(const char* begin, const char* end, int64_t first_line, Out out, int64_t max_rows,
-                     BagValues* bags) const;
+                     BagValues* bags, ByteValues* ids) const;
   struct QuoteScratch {           // one range's (one thread's), for quoted lines
     std::vector<char> bytes;      // a quoted line's unquoted cells
     std::vector<uintptr_t> ends;  // and where they end (ncols_ + 1)
@@ -323,7 +357,8 @@ class Reader {
   // inlined, so that the unquoted loop compiles as before: Criteo parses at the same speed).
   template <bool kQuoted>
   __attribute__((noinline)) Result parse_range_impl(const char* begin, const char* end, int64_t first_line, Out out,
-                                                    int64_t max_rows, BagValues* bags, QuoteScratch* scratch) const;
+                                                    int64_t max_rows, BagValues* bags, ByteValues* ids,
+                                                    QuoteScratch* scratch) const;
   // A line [s, e) holding the quote byte, split and unquoted (see ReaderSpec::quote).
   struct Split {
     int fields = 0;                   // fields found (all of them, if more than the columns)
@@ -349,6 +384,8 @@ class Reader {
   int parse_bags(const uintptr_t* ends, int bad_col, Reason* why, BagOut* out) const;
   Reason parse_bag(const unsigned char* p, size_t n, int f, BagValues* bag, int64_t* length) const;
   void hash_row(const uint64_t* vals, const uint8_t* absent, int64_t* sparse) const;
+  // A kept line's id column (its cell between ends[id_column] and ends[id_column + 1]) to ids.
+  void keep_id(const uintptr_t* ends, int64_t* length, ByteValues* ids) const;
   [[noreturn]] void fail(const Result& r) const;
   // fail(r), unless the input is gzip whose stream turns out damaged: then that FormatError.
   [[noreturn]] void fail_checked(const Result& r);
@@ -380,6 +417,7 @@ class Reader {
   int num_dense_;
   std::vector<int> bag_cols_;                      // the kTextSeq columns
   std::vector<std::vector<BagValues>> range_bags_;  // bag ids of a block's ranges after the first
+  std::vector<ByteValues> range_ids_;               // id bytes of a block's ranges after the first
   BlockReader blocks_;
   bool at_start_ = true;
   bool header_pending_;

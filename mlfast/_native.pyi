@@ -31,9 +31,10 @@ class Reader:
     delimiter, header, columns [(kind, name, dense, sparse, log)], num_dense, has_label,
     field_ids, buckets, offsets, seed, keys, skip_bad, num_threads, block_bytes,
     min_range_bytes, vector_hash, and optionally num_bags (S, default 0), bag_separator (one
-    byte, default "^"; with bags it must differ from the delimiter and not be a line break) and
+    byte, default "^"; with bags it must differ from the delimiter and not be a line break),
     quote (one byte, or "" / None / absent: no quoting; not a line break, the delimiter or, with
-    bags, the bag separator).
+    bags, the bag separator) and id_column (a 0-based column index, or -1 / None / absent: none;
+    ValueError outside the columns).
 
     Quoting: a field whose first byte is the quote is quoted; its value is the bytes up to the
     matching closing quote, "" inside standing for one quote, and every column kind parses that
@@ -58,9 +59,15 @@ class Reader:
     def __init__(self, path: str, spec: dict[str, Any]) -> None: ...
     def next_chunk(self) -> Optional[dict[str, Any]]:
         """The next block's rows: {"labels": float32[N] | None, "dense": float32[N, Dd],
-        "dense_missing": bool[N, Dd], "sparse": int64[N, F], "skipped": {reason: count},
-        "first_line", "end_line", "input_bytes"}; None at the end. A chunk has rows, except a last
-        one that only carries the skip counts of blank or bad lines at the end of the input.
+        "dense_missing": bool[N, Dd], "sparse": int64[N, F], "lines": int64[N] (each row's
+        1-based line number in the decompressed input, header and blank and skipped lines
+        counted), "skipped": {reason: count}, "first_line", "end_line", "input_bytes"}; None at
+        the end. A chunk has rows, except a last one that only carries the skip counts of blank or
+        bad lines at the end of the input.
+
+        With an id_column also "id_lengths": int64[N] and "id_data": uint8[sum(id_lengths)], each
+        kept row's bytes of that column (unquoted; never parsed or checked) concatenated in row
+        order.
 
         With num_bags S > 0 also "bag_lengths": int64[N, S] (row r's number of ids in bag field
         s, at least 1) and "bag_values": a list of S int64 arrays, bag field s's ids of all the
@@ -73,8 +80,9 @@ class Reader:
 
 class ArrowParser:
     """Parser of Arrow record batches (Parquet / Arrow IPC via pyarrow) under a reader spec built by
-    mlfast.io.arrow: the Reader's spec keys (delimiter, header and quote unused), columns of kinds
-    ignore, label, float, text and textseq only; min_range_bytes is the fewest rows per thread.
+    mlfast.io.arrow: the Reader's spec keys (delimiter, header and quote unused; id_column must be
+    -1 or absent: mlfast.io.arrow reads an id column with pyarrow), columns of kinds ignore, label,
+    float, text and textseq only; min_range_bytes is the fewest rows per thread.
     Values follow the text grammar and hash (see csrc/arrow_batch.hpp for each Arrow type)."""
 
     def __init__(self, spec: dict[str, Any]) -> None: ...
@@ -84,7 +92,8 @@ class ArrowParser:
         utf8 (string/binary), large_utf8, list, large_list; buffers (pyarrow.Buffer, bytes, ...) or
         None, child a list's values described alike. Every buffer is checked against length and
         offset first (CorruptInput). Returns next_chunk()'s dict ("first_line" / "end_line": the
-        batch's 1-based rows, first_row .. first_row + rows); a bad row raises ParseFailure with
+        batch's 1-based rows, first_row .. first_row + rows; "lines": each kept row's 0-based row
+        in the file, first_row - 1 + its index in the batch); a bad row raises ParseFailure with
         line = its row and found_fields = 0 when the value was null (1 otherwise), or is skipped
         and counted. GIL released."""
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 import logging
 import shutil
 from dataclasses import dataclass, field
@@ -47,7 +48,7 @@ RUN_FILES = ("config.json", "last.pt", "best.pt", MODEL_FILE, "metrics.json", "c
 # Settings a resumed run may change: they extend or steer the continuation without making it a
 # different run (every other setting must match the saved configuration).
 RESUME_MUTABLE = frozenset({"epochs", "finetune_epochs", "max_steps", "patience", "checkpoint_every", "device",
-                            "num_threads", "progress", "cuda_graph", "graph_fallback"})
+                            "num_threads", "progress", "cuda_graph", "graph_fallback", "backend"})
 
 
 class RunDirectoryError(ValueError):
@@ -100,7 +101,11 @@ class Predictor:
                 state = ckpt.load_checkpoint(run / name)
                 break
         else:
-            raise FileNotFoundError(f"{run}: no {MODEL_FILE}, best.pt or last.pt (is this an mlfast run directory?)")
+            from mlfast.dist.checkpoint import load_sharded_run  # a multi-process run stopped before model.pt
+
+            state = load_sharded_run(run)
+            if state is None:
+                raise FileNotFoundError(f"{run}: no {MODEL_FILE}, best.pt or last.pt (is this an mlfast run directory?)")
         dev = resolve_device(device)
         group = inference_group(state, dev)
         vocab = None
@@ -165,18 +170,37 @@ def inference_group(state: dict[str, Any], device: torch.device) -> PeerGroup:
 
 
 def write_predictions_csv(preds: dict[str, np.ndarray], path: str | Path,
-                          ids: tuple[str, np.ndarray] | None = None) -> None:
-    """CSV with a header: ``ids``' column first (e.g. ``("row", rows)``), one column per peer, then
-    ``ensemble``; one line per input row."""
+                          ids: tuple[str, Any] | list[tuple[str, Any]] | None = None) -> None:
+    """CSV (UTF-8) with a header: ``ids``' column first (e.g. ``("line", data.lines)``, or a list of
+    such (name, values) pairs: several columns), one column per peer, then ``ensemble``; one line
+    per input row. A value holding a comma, a quote or a line break is quoted as RFC 4180 does.
+
+        >>> import tempfile, os
+        >>> p = os.path.join(tempfile.mkdtemp(), "p.csv")
+        >>> write_predictions_csv({"ensemble": np.array([0.25])}, p, ids=("id", ["a,b"]))
+        >>> print(open(p).read(), end="")
+        id,ensemble
+        "a,b",0.25
+    """
+
+    def quoted(values: Any) -> np.ndarray:
+        v = np.asarray(values).astype(str)
+        special = np.zeros(v.shape, bool)
+        for c in (",", '"', "\n", "\r"):
+            special |= np.char.find(v, c) >= 0
+        if not special.any():
+            return v
+        return np.where(special, np.char.add(np.char.add('"', np.char.replace(v, '"', '""')), '"'), v)
+
     names = list(preds)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     cols = [np.char.mod("%.6g", preds[n]) for n in names]
-    if ids is not None:
-        cols.insert(0, np.asarray(ids[1]).astype(str))
-        names = [ids[0]] + names
-    with open(path, "w") as f:
-        f.write(",".join(names) + "\n")
+    id_cols = [] if ids is None else [ids] if isinstance(ids, tuple) else list(ids)
+    cols = [quoted(values) for _, values in id_cols] + cols
+    names = [name for name, _ in id_cols] + names
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        f.write(",".join(quoted(np.asarray(names, dtype=object)).tolist()) + "\n")
         if cols and len(cols[0]):
             np.savetxt(f, np.stack(cols, 1), fmt="%s", delimiter=",")
 
@@ -192,6 +216,8 @@ class Session:
         self.device = resolve_device(device if device is not None else cfg.device)
         self.schema = FeatureSchema.from_data(prep.train_data, use_dense=cfg.use_dense)
         n_train = len(prep.splits["train"])
+        # an epoch's lookups outnumber the table's rows: the data will touch most of them
+        self.dense_touch = n_train * self.schema.num_fields >= self.schema.table_rows
         self.batch_size = cfg.resolved_batch_size(n_train)
         if cfg.batch_size is not None:
             check_batch_size(cfg.batch_size, n_train)
@@ -228,7 +254,8 @@ class Session:
                     evaluate_first: bool = False) -> tuple[MutualTrainer, dict]:
         """Train ``specs`` together (one peer = alone); a finished phase in ``out`` is loaded, not redone."""
         cfg = cfg or self.cfg
-        t = MutualTrainer(specs, self.schema, cfg, device=self.device, init_states=init_states, lr=lr)
+        t = MutualTrainer(specs, self.schema, cfg, device=self.device, init_states=init_states, lr=lr,
+                          dense_touch=self.dense_touch)
         t._extra_state = self.extra
         done = _finished(out) if resume else None
         if done is not None and done.get("epochs", cfg.epochs) >= cfg.epochs:
@@ -465,6 +492,7 @@ class _ListHandler(logging.Handler):
 
 
 def _fit(train, valid, test, *, peers, out, resume, overwrite, reader, log, run_log: _RunLog, **config) -> FitResult:
+    t_start = time.perf_counter()
     say = log or globals()["log"].info
     out_dir = Path(out) if out is not None else None
     if resume and out_dir is None:
@@ -523,7 +551,7 @@ def _fit(train, valid, test, *, peers, out, resume, overwrite, reader, log, run_
             prep.vocab.save(out_dir / "vocab.npz")
         run_log.start_file()
     try:
-        result = _train(s, specs, cfg, out_dir, resume, say)
+        result = _train(s, specs, cfg, out_dir, resume, say, t_start)
     except BaseException:
         if created and out_dir is not None and not any(out_dir.rglob("last.pt")):
             shutil.rmtree(out_dir, ignore_errors=True)  # nothing worth keeping: no checkpoint was written
@@ -555,8 +583,9 @@ def _stopped(out_dir: Path) -> str:
 
 
 def _train(s: Session, specs: list[PeerSpec], cfg: TrainConfig, out_dir: Path | None, resume: bool,
-           say: Callable) -> FitResult:
+           say: Callable, t_start: float) -> FitResult:
     metrics: dict[str, Any] = {"peers": [p.label for p in specs], "regime": cfg.regime, "batch_size": s.batch_size}
+    t_train = time.perf_counter()
     if out_dir is not None:
         (out_dir / "finished.json").unlink(missing_ok=True)
     if cfg.regime == "joint":
@@ -572,6 +601,10 @@ def _train(s: Session, specs: list[PeerSpec], cfg: TrainConfig, out_dir: Path | 
         metrics.update(mutual, solo=solo_metrics, solo_train=solo_summaries, train=summary,
                        solo_vs_mutual={"split": split, "rows": rows})
     history = final.progress.history
+    tr = metrics["train"]
+    metrics["timing"] = {"read_and_setup": round(t_train - t_start, 3), "training": round(tr["train_seconds"], 3),
+                         "validation": round(tr.get("validate_seconds") or 0.0, 3),
+                         "fit_total": round(time.perf_counter() - t_start, 3)}
     if out_dir is not None:
         if cfg.regime != "joint":
             ckpt.save_checkpoint(out_dir / MODEL_FILE, {"kind": "model", "state": final.group.snapshot(),

@@ -21,7 +21,8 @@ from mlfast.io import hashing
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "datasets_raw"
 TAOBAO = DATA / "taobao_ad_tiny_fuxictr" / "train_sample.csv"
 
-NO_BAG_KEYS = {"labels", "dense", "dense_missing", "sparse", "skipped", "first_line", "end_line", "input_bytes"}
+NO_BAG_KEYS = {"labels", "dense", "dense_missing", "sparse", "lines", "skipped", "first_line", "end_line",
+               "input_bytes"}
 
 
 # ------------------------------------------------------------------------------------------------

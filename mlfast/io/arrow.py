@@ -27,6 +27,15 @@ and field hash as :func:`mlfast.io.reader.read_delimited`:
   ``a^^b`` is in text; an element may hold the separator, though); or a text column holding
   ``sequence_separator``-joined values, read as the text reader reads it.
 
+Each row's ``CTRData.lines`` entry is its 0-based row index in its file (``meta["position"]`` is
+``"row"``); rows read from a directory or glob also have ``CTRData.file_index``, the index of their
+file in ``meta["files"]``. ``id_column=`` (a column name or 0-based index) keeps that column's values
+as text in ``CTRData.ids``, by the rules categoricals follow (text as it is, integers in decimal,
+bool as ``true`` / ``false``, other types as Arrow casts them to text; null as the empty string),
+read with pyarrow from the id column alone and taken at the kept rows' ``lines``: features still come
+from the cache entry of a read without it, and reading one column of a columnar file costs that
+column only.
+
 Bad values follow ``on_bad_line`` as in the text reader: :class:`mlfast.io.reader.ParseError`
 naming file, row (``ParseError.line`` is the 1-based row of the file) and column, or the row is
 skipped and counted. A file pyarrow cannot decode raises
@@ -60,7 +69,7 @@ import numpy as np
 from mlfast import _native
 from mlfast.io import cache as _cache
 from mlfast.io import reader as _reader
-from mlfast.io.data import BagField, CTRData
+from mlfast.io.data import BagField, CTRData, TextColumn
 from mlfast.io.reader import CorruptInputError, DelimitedSchema, ParseError
 
 __all__ = ["read_columnar", "iter_columnar_chunks", "file_format", "dataset_files", "MissingExtraError",
@@ -264,6 +273,64 @@ def _describe(a: Any) -> tuple:
     return (name, len(a), a.offset, bufs[0], None, bufs[1], None)
 
 
+def _id_plan(t: Any, column: str, path: str) -> Callable[[Any], Any]:
+    """How to turn an array of type ``t`` into the large_binary text of an id column (the categorical
+    rules: text as it is, other types as Arrow's cast to text; null as b""). ValueError if it cannot."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if pa.types.is_dictionary(t):
+        inner = _id_plan(t.value_type, column, path)
+        return lambda a: inner(a.dictionary_decode())
+    if isinstance(t, pa.ExtensionType):
+        inner = _id_plan(t.storage_type, column, path)
+        return lambda a: inner(a.storage)
+    empty = pa.scalar(b"", pa.large_binary())
+    if pa.types.is_null(t):
+        return lambda a: pa.repeat(empty, len(a))
+    views = hasattr(pa.types, "is_string_view") and (pa.types.is_string_view(t) or pa.types.is_binary_view(t))
+    if (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t)
+            or pa.types.is_fixed_size_binary(t) or views):
+        return lambda a: pc.fill_null(pc.cast(a, pa.large_binary()), empty)
+    if pa.types.is_nested(t) or not _castable(t, pa.large_string()):
+        raise ValueError(f"{path}: column {column!r} is {t}, which cannot be an id column (it has no text form)")
+    return lambda a: pc.fill_null(pc.cast(pc.cast(a, pa.large_string()), pa.large_binary()), empty)
+
+
+def _text_column(pieces: list[Any], name: str) -> TextColumn:
+    """large_binary arrays, concatenated, as a TextColumn (its own copy of the bytes)."""
+    import pyarrow as pa
+
+    if not pieces:
+        return TextColumn(np.zeros(1, np.int64), np.zeros(0, np.uint8), name)
+    a = pa.concat_arrays(pieces)
+    bufs = a.buffers()
+    offsets = np.frombuffer(bufs[1], np.int64, count=len(a) + 1, offset=a.offset * 8)
+    data = np.frombuffer(bufs[2], np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
+    return TextColumn(offsets - offsets[0], data[offsets[0]:offsets[-1]].copy(), name)
+
+
+def _take_ids(array: Any, plan: Callable[[Any], Any], rows: np.ndarray) -> Any:
+    """The id text of ``array``'s rows ``rows`` (indices into it)."""
+    import pyarrow as pa
+
+    return plan(array).take(pa.array(rows, pa.int64()))
+
+
+def _read_ids(f: "_File", name: str, plan: Callable[[Any], Any], lines: np.ndarray) -> TextColumn:
+    """The id column ``name`` of file ``f`` at its rows ``lines`` (0-based, ascending): one pass over
+    that column alone."""
+    lines = np.asarray(lines, np.int64)
+    pieces, start = [], 0
+    for batch in f.batches([name]):
+        lo, hi = np.searchsorted(lines, [start, start + batch.num_rows])
+        if hi > lo:
+            with f._errors():
+                pieces.append(_take_ids(batch.column(0), plan, lines[lo:hi] - start))
+        start += batch.num_rows
+    return _text_column(pieces, name)
+
+
 # ------------------------------------------------------------------------------------------------
 # One file
 
@@ -351,7 +418,7 @@ class _ArrowErrors:
         return False
 
 
-def _layout(f: _File, schema: DelimitedSchema, hash_buckets, hash_seed, keys, on_bad_line):
+def _layout(f: _File, schema: DelimitedSchema, hash_buckets, hash_seed, keys, on_bad_line, id_column=None):
     if not isinstance(schema, DelimitedSchema):
         raise TypeError(f"schema must be a DelimitedSchema, got {type(schema).__name__}")
     _reader._check_schema_options(schema)
@@ -370,6 +437,10 @@ def _layout(f: _File, schema: DelimitedSchema, hash_buckets, hash_seed, keys, on
         used.append((c, name, _plan(t, kind, name, f.path)))
         types[name] = str(t)
     layout.config["arrow_types"] = types  # the cache keys on them (ids follow the values, not the types)
+    if id_column is not None:  # read apart from the features (see the module docstring): not in the config
+        i = _reader._id_column_index(names, id_column, f.path, named=True, where="the columns")
+        layout.id_name = names[i]
+        layout.id_plan = _id_plan(f.schema.field(i).type, names[i], f.path)
     return layout, used
 
 
@@ -381,15 +452,23 @@ def _parse_error(path: str, layout, failure: Exception) -> ParseError:
     return ParseError(path, row, column, reason, text, message)
 
 
-def _iter_file(f: _File, layout, used, num_threads: int, whole: bool = False) -> Iterator[dict[str, Any]]:
+def _iter_file(f: _File, layout, used, num_threads: int, whole: bool = False,
+               ids: bool = False) -> Iterator[dict[str, Any]]:
     """One arrays dict per record batch; ``whole``: one for the whole file (the batches parsed into
-    one set of native buffers, grown in place: no concatenation)."""
+    one set of native buffers, grown in place: no concatenation). ``ids`` (not with ``whole``): each
+    batch's dict also holds ``ids``, the id column's text of its kept rows, read with the batch."""
     spec = dict(layout.spec, num_threads=num_threads, block_bytes=1, min_range_bytes=int(MIN_RANGE_ROWS),
                 vector_hash=False)
     parser = _native.ArrowParser(spec)
     ncols = len(layout.spec["columns"])
     first, nbytes = 1, 0
-    for batch in f.batches([name for _, name, _ in used]):
+    names = [name for _, name, _ in used]
+    id_at = None
+    if ids and not whole:
+        if layout.id_name not in names:
+            names.append(layout.id_name)
+        id_at = names.index(layout.id_name)
+    for batch in f.batches(names):
         columns: list[Any] = [None] * ncols
         with f._errors():
             for k, (c, _, convert) in enumerate(used):
@@ -404,6 +483,11 @@ def _iter_file(f: _File, layout, used, num_threads: int, whole: bool = False) ->
         nbytes += batch.nbytes
         if not whole:
             chunk["input_bytes"] = batch.nbytes
+            if id_at is not None:
+                batch_start = first - 1 - batch.num_rows  # the batch's first row, 0-based in the file
+                with f._errors():
+                    taken = _take_ids(batch.column(id_at), layout.id_plan, chunk["lines"] - batch_start)
+                chunk["ids"] = _text_column([taken], layout.id_name)
             yield _reader._flat(chunk)
             del chunk
     if whole:
@@ -418,8 +502,8 @@ def _empty_chunk(layout) -> dict[str, Any]:
     d = {"labels": np.zeros(0, np.float32) if layout.spec["has_label"] else None,
          "dense": np.zeros((0, len(layout.dense_names)), np.float32),
          "dense_missing": np.zeros((0, len(layout.dense_names)), np.bool_),
-         "sparse": np.zeros((0, n_sparse), np.int64), "skipped": {}, "first_line": 1, "end_line": 1,
-         "input_bytes": 0}
+         "sparse": np.zeros((0, n_sparse), np.int64), "lines": np.zeros(0, np.int64), "skipped": {},
+         "first_line": 1, "end_line": 1, "input_bytes": 0}
     if nb:
         d["bag_lengths"] = np.zeros((0, nb), np.int64)
         for s in range(nb):
@@ -428,9 +512,9 @@ def _empty_chunk(layout) -> dict[str, Any]:
 
 
 def _read_file(f: _File, schema, hash_buckets, hash_seed, keys, on_bad_line, threads: int, cache: bool,
-               cache_dir) -> CTRData:
+               cache_dir, id_column=None) -> CTRData:
     path = f.path
-    layout, used = _layout(f, schema, hash_buckets, hash_seed, keys, on_bad_line)
+    layout, used = _layout(f, schema, hash_buckets, hash_seed, keys, on_bad_line, id_column)
 
     def chunks() -> Iterator[dict[str, Any]]:
         any_chunk = False
@@ -448,9 +532,13 @@ def _read_file(f: _File, schema, hash_buckets, hash_seed, keys, on_bad_line, thr
         if result is not None:
             arrays, info = result
             _reader._warn_if_all_bad(path, len(arrays["sparse"]), arrays["skipped"])
-            meta = _reader._meta(layout, threads, cache=info, lines=arrays["lines"])
+            if layout.id_name is not None:
+                arrays["ids"] = _read_ids(f, layout.id_name, layout.id_plan, arrays["lines"])
+            meta = _reader._meta(layout, threads, cache=info, lines=arrays["line_count"])
             return _reader._to_data(arrays, layout, path, meta)
     arrays = next(_iter_file(f, layout, used, threads, whole=True))
+    if layout.id_name is not None:
+        arrays["ids"] = _read_ids(f, layout.id_name, layout.id_plan, arrays["lines"])
     _reader._warn_if_all_bad(path, len(arrays["sparse"]), arrays["skipped"])
     meta = _reader._meta(layout, threads, cache={"status": "disabled", "path": None}, lines=arrays["end_line"] - 1)
     return _reader._to_data(arrays, layout, path, meta)
@@ -481,12 +569,15 @@ def _same_columns(first: _File, other: _File) -> None:
 def read_columnar(path: str | os.PathLike, schema: DelimitedSchema, *,
                   hash_buckets: int | Sequence[int] | None = None, hash_seed: int = 0, keys: bool = False,
                   on_bad_line: str = "error", num_threads: int | None = None, cache: bool = True,
-                  cache_dir: str | os.PathLike | None = None, batch_rows: int = DEFAULT_BATCH_ROWS) -> CTRData:
+                  cache_dir: str | os.PathLike | None = None, batch_rows: int = DEFAULT_BATCH_ROWS,
+                  id_column: str | int | None = None) -> CTRData:
     """Read a Parquet or Arrow IPC / Feather file (or a directory or glob of them) under ``schema``.
 
     Options and output as :func:`mlfast.io.reader.read_delimited` (the module docstring says how
     each Arrow type is read); ``batch_rows`` bounds the rows decoded at a time. Each file is cached
-    on its own; several files give one CTRData of all their rows, ``meta["files"]`` listing them.
+    on its own; several files give one CTRData of all their rows, ``meta["files"]`` listing them
+    and ``file_index`` saying which each row came from (``lines``: its 0-based row in that file).
+    ``id_column``: a column name or 0-based index whose values, as text, each row keeps in ``ids``.
 
     Example::
 
@@ -508,7 +599,8 @@ def read_columnar(path: str | os.PathLike, schema: DelimitedSchema, *,
         if first_file is not None:
             _same_columns(first_file, f)
         first_file = first_file or f
-        datas.append(_read_file(f, schema, hash_buckets, hash_seed, keys, on_bad_line, threads, cache, cache_dir))
+        datas.append(_read_file(f, schema, hash_buckets, hash_seed, keys, on_bad_line, threads, cache, cache_dir,
+                                id_column))
     if len(datas) == 1:
         return datas[0]
     return _concat_data(datas, os.fspath(path), files)
@@ -527,23 +619,28 @@ def _concat_data(datas: list[CTRData], source: str, files: list[str]) -> CTRData
             skipped[k] = skipped.get(k, 0) + v
     meta = dict(first.meta, files=list(files), lines=sum(int(d.meta.get("lines", 0)) for d in datas),
                 cache=[d.meta.get("cache") for d in datas])
+    file_index = np.concatenate([np.full(len(d), k, np.int32) for k, d in enumerate(datas)])
     return CTRData(
         labels=None if first.labels is None else np.concatenate([d.labels for d in datas]),
         dense=np.concatenate([d.dense for d in datas]),
         dense_missing=np.concatenate([d.dense_missing for d in datas]),
         sparse=np.concatenate([d.sparse for d in datas]),
         field_offsets=first.field_offsets.copy(), field_names=list(first.field_names),
-        dense_names=list(first.dense_names), skipped=skipped, source=source, meta=meta, bags=bags)
+        dense_names=list(first.dense_names), skipped=skipped, source=source, meta=meta, bags=bags,
+        lines=np.concatenate([d.lines for d in datas]), file_index=file_index,
+        ids=None if first.ids is None else TextColumn.concat([d.ids for d in datas]))
 
 
 def iter_columnar_chunks(path: str | os.PathLike, schema: DelimitedSchema, *, batch_rows: int = DEFAULT_BATCH_ROWS,
                          hash_buckets: int | Sequence[int] | None = None, hash_seed: int = 0, keys: bool = False,
-                         on_bad_line: str = "error", num_threads: int | None = None) -> Iterator[CTRData]:
+                         on_bad_line: str = "error", num_threads: int | None = None,
+                         id_column: str | int | None = None) -> Iterator[CTRData]:
     """Stream a Parquet / Arrow file (or directory or glob) as one CTRData per record batch of at
     most ``batch_rows`` rows (never cached); concatenated, they are :func:`read_columnar`'s arrays
     and their ``skipped`` counts add up to its. A batch whose rows were all skipped is handed on
     (row-less) for its counts. ``meta`` carries ``file``, ``chunk``, ``first_line`` and ``end_line``
-    (1-based rows of that file, end exclusive).
+    (1-based rows of that file, end exclusive); each chunk's ``lines`` are 0-based rows of that file,
+    and with ``id_column`` its ``ids`` are read with the batch.
 
     Example::
 
@@ -561,14 +658,14 @@ def iter_columnar_chunks(path: str | os.PathLike, schema: DelimitedSchema, *, ba
     threads = _reader._threads(num_threads)
     first_file = None
     index = 0
-    for p in files:
+    for file_no, p in enumerate(files):
         f = _File(p, batch_rows, threads)
         if first_file is not None:
             _same_columns(first_file, f)
         first_file = first_file or f
-        layout, used = _layout(f, schema, hash_buckets, hash_seed, keys, on_bad_line)
+        layout, used = _layout(f, schema, hash_buckets, hash_seed, keys, on_bad_line, id_column)
         rows, skipped = 0, {}
-        for chunk in _iter_file(f, layout, used, threads):
+        for chunk in _iter_file(f, layout, used, threads, ids=layout.id_name is not None):
             if chunk["sparse"].shape[0] == 0 and not chunk["skipped"]:
                 continue
             rows += chunk["sparse"].shape[0]
@@ -577,5 +674,9 @@ def iter_columnar_chunks(path: str | os.PathLike, schema: DelimitedSchema, *, ba
             meta = _reader._meta(layout, threads, file=p, chunk=index, first_line=chunk["first_line"],
                                  end_line=chunk["end_line"], input_bytes=chunk["input_bytes"])
             index += 1
-            yield _reader._to_data(chunk, layout, p, meta)
+            data = _reader._to_data(chunk, layout, p, meta)
+            if len(files) > 1:  # as read_columnar's rows of several files
+                data.meta["files"] = list(files)
+                data.file_index = np.full(len(data), file_no, np.int32)
+            yield data
         _reader._warn_if_all_bad(p, rows, skipped)

@@ -1,8 +1,9 @@
 """Binary cache of parsed click logs: columnar, memory-mapped, verified on every load.
 
 The first ``read_*`` of a file streams the parser's chunks into one raw file per column
-(``labels.bin``, ``dense.bin``, ``dense_missing.bin``, ``sparse.bin``; with bag fields
-``bag_lengths.bin`` and one ``bag_values_<s>.bin`` each, whose length is the bag's id count),
+(``labels.bin``, ``dense.bin``, ``dense_missing.bin``, ``sparse.bin``, ``lines.bin`` (each row's
+source line); with bag fields ``bag_lengths.bin`` and one ``bag_values_<s>.bin`` each, whose length
+is the bag's id count; with an id column ``id_lengths.bin`` and ``id_data.bin``, its bytes),
 so files larger than RAM work, then writes ``manifest.json`` last and renames the finished directory into place: an entry
 is complete or absent. Later reads memory-map the columns.
 
@@ -52,7 +53,7 @@ import numpy as np
 from mlfast import _native
 
 MAGIC = "mlfast-ctr-cache"
-CACHE_VERSION = 2  # 2: ctime + content fingerprint in the identity, checksummed manifest
+CACHE_VERSION = 3  # 2: ctime + content fingerprint in the identity, checksummed manifest; 3: lines.bin
 # The content fingerprint: FINGERPRINT_BLOCKS blocks of FINGERPRINT_BYTES (first, last, evenly between).
 FINGERPRINT_BLOCKS = 8
 FINGERPRINT_BYTES = 64 << 10
@@ -79,20 +80,24 @@ def default_cache_dir() -> Path:
 RAGGED = "ragged"  # the width of a 1-D column whose length is its own (not the row count)
 
 
-def ctr_columns(has_label: bool, num_dense: int, num_sparse: int,
-                num_bags: int = 0) -> dict[str, tuple[np.dtype, int | str | None]]:
+def ctr_columns(has_label: bool, num_dense: int, num_sparse: int, num_bags: int = 0,
+                ids: bool = False) -> dict[str, tuple[np.dtype, int | str | None]]:
     """The cached columns of a CTRData: name -> (dtype, width; None for a 1-D column of one value per
-    row, ``RAGGED`` for a 1-D column of any length: a bag field's ids)."""
+    row, ``RAGGED`` for a 1-D column of any length: a bag field's ids, the id column's bytes)."""
     cols: dict[str, tuple[np.dtype, int | None]] = {}
     if has_label:
         cols["labels"] = (np.dtype(np.float32), None)
     cols["dense"] = (np.dtype(np.float32), num_dense)
     cols["dense_missing"] = (np.dtype(np.bool_), num_dense)
     cols["sparse"] = (np.dtype(np.int64), num_sparse)
+    cols["lines"] = (np.dtype(np.int64), None)
     if num_bags:
         cols["bag_lengths"] = (np.dtype(np.int64), num_bags)
         for s in range(num_bags):
             cols[f"bag_values_{s}"] = (np.dtype(np.int64), RAGGED)
+    if ids:
+        cols["id_lengths"] = (np.dtype(np.int64), None)
+        cols["id_data"] = (np.dtype(np.uint8), RAGGED)
     return cols
 
 
@@ -240,10 +245,14 @@ def _load(entry: Path, source: str, config: dict[str, Any], columns: dict[str, t
                 if int(total) != len(arrays[f"bag_values_{s}"]):
                     raise CacheInvalid(f"bag_values_{s}.bin holds {len(arrays[f'bag_values_{s}'])} ids, "
                                        f"bag_lengths say {int(total)}")
+        if "id_lengths" in arrays:  # likewise the id column's bytes
+            total = int(np.asarray(arrays["id_lengths"]).sum())
+            if total != len(arrays["id_data"]):
+                raise CacheInvalid(f"id_data.bin holds {len(arrays['id_data'])} bytes, id_lengths say {total}")
         extra = manifest["extra"]
         arrays.setdefault("labels", None)
         arrays["skipped"] = {str(k): int(v) for k, v in extra["skipped"].items()}
-        arrays["lines"] = int(extra["lines"])
+        arrays["line_count"] = int(extra["lines"])  # lines read in all (the "lines" column: each row's)
         return arrays, manifest
     except CacheInvalid:
         raise
@@ -376,7 +385,7 @@ def cached_read(source: str, config: dict[str, Any], chunks: Callable[[], Iterat
     """Columns of ``source`` parsed under ``config``, from the cache or built into it.
 
     ``chunks()`` parses the source and yields dicts holding the ``columns`` arrays plus
-    ``skipped`` and ``end_line``. Returns (arrays + ``skipped`` + ``lines``, info) where info is
+    ``skipped`` and ``end_line``. Returns (arrays + ``skipped`` + ``line_count``, info) where info is
     ``{"status": "hit" | "miss" | "rebuilt", "path": entry}``, or None when no entry can be written
     (the caller then reads without the cache).
 
@@ -385,7 +394,8 @@ def cached_read(source: str, config: dict[str, Any], chunks: Callable[[], Iterat
         >>> import numpy as np
         >>> cols = ctr_columns(False, 0, 1)
         >>> chunk = {"dense": np.zeros((2, 0), np.float32), "dense_missing": np.zeros((2, 0), bool),
-        ...          "sparse": np.arange(2, dtype=np.int64)[:, None], "skipped": {}, "end_line": 3}
+        ...          "sparse": np.arange(2, dtype=np.int64)[:, None], "lines": np.array([1, 2]), "skipped": {},
+        ...          "end_line": 3}
         >>> import tempfile
         >>> arrays, info = cached_read(__file__, {"demo": 1}, lambda: iter([chunk]), cols,
         ...                            cache_dir=tempfile.mkdtemp())

@@ -43,7 +43,8 @@ def reader_options(**overrides: Any) -> dict[str, Any]:
 
 
 def read_file(path: str | Path, options: dict[str, Any], keys: bool = False) -> CTRData:
-    """Read one file with the run's reader options (``keys=True``: raw 64-bit keys, for vocabularies)."""
+    """Read one file with the run's reader options (``keys=True``: raw 64-bit keys, for vocabularies).
+    Other reader arguments in ``options`` pass through (``id_column``: see :func:`mlfast.io.reader.read`)."""
     from mlfast.io.reader import DelimitedSchema, read
 
     kw = {k: v for k, v in options.items() if k not in ("schema", "min_count")}
@@ -174,7 +175,7 @@ def check_batch_size(batch_size: int, train_rows: int) -> None:
 
 
 def apply_vocabulary(data: CTRData, vocab) -> CTRData:
-    """Keys -> row ids of ``vocab`` (a new CTRData; dense and labels shared)."""
+    """Keys -> row ids of ``vocab`` (a new CTRData; dense, labels, source lines and ids shared)."""
     if not data.meta.get("keys"):
         raise ValueError(f"{data.source}: vocabulary mode needs data read with keys=True")
     meta = {**data.meta, "keys": False, "min_count": vocab.min_count}

@@ -31,6 +31,13 @@ the value is missing (empty).
   is damaged is read as text (and fails to parse as such).
 * Generic logs may have multi-hot columns (``DelimitedSchema.sequence``, e.g. a click history
   ``170301^573514``): each becomes a :class:`mlfast.io.data.BagField` in ``CTRData.bags``.
+* Every row knows where it came from: ``CTRData.lines[i]`` is its 1-based line number in the file
+  (in the decompressed text of a gzip file; the header, blank and skipped lines counted), written by
+  the parsing threads as they keep the row. With ``id_column=`` (a header name, or a 0-based column
+  index; Criteo and Avazu columns by their names too, e.g. Avazu's ``"id"``) ``CTRData.ids`` holds
+  that column's raw value for every kept row, as text (:class:`mlfast.io.data.TextColumn`): the
+  bytes as they are in the file, a quoted value unquoted, never parsed or checked (invalid UTF-8
+  decodes as U+FFFD). Either joins predictions back to the input when bad lines were skipped.
 
 Line endings may be ``\\n`` or ``\\r\\n``; the last line may lack its newline; a UTF-8 byte-order mark
 at the start of the file is ignored. Generic logs may quote fields as CSV files from pandas or Excel
@@ -63,7 +70,7 @@ import numpy as np
 from mlfast import _native
 from mlfast.io import cache as _cache
 from mlfast.io import hashing
-from mlfast.io.data import BagField, CTRData
+from mlfast.io.data import BagField, CTRData, TextColumn
 
 __all__ = [
     "ParseError",
@@ -211,6 +218,8 @@ class _Layout:
     expected: str  # what a line must look like, for error messages
     config: dict[str, Any]  # everything the parsed output depends on (the cache keys on it)
     bag_max_len: int | None = None  # applied to the parsed (or cached) bags, so not in config
+    id_name: str | None = None  # the id column's name (CTRData.ids.name), None: no id column
+    id_plan: Any = None  # Parquet / Arrow: how to turn the id column into text (mlfast.io.arrow._id_plan)
 
 
 def _layout(fmt: str, *, delimiter: str, header: bool, columns: list[tuple], field_names: list[str],
@@ -456,6 +465,39 @@ def _schema_layout(path: str, names: list[str], schema: DelimitedSchema, fmt: st
                    bag_max_len=schema.sequence_max_len, quote=quote)
 
 
+def _id_column_index(names: list[str], id_column: str | int, path: str, *, named: bool, where: str) -> int:
+    """The 0-based column ``id_column`` names among ``names``: a name (where the columns have names),
+    or an index (an int, or a string of digits, as the command line gives it)."""
+    if isinstance(id_column, bool) or not isinstance(id_column, (int, np.integer, str)):
+        raise TypeError(f"id_column must be a column name or a 0-based index, got {type(id_column).__name__}")
+    if isinstance(id_column, str) and named and id_column in names:
+        if names.count(id_column) > 1:
+            raise ValueError(f"id column {id_column!r} appears more than once in {where} of {path}")
+        return names.index(id_column)
+    if isinstance(id_column, str) and not (id_column.isascii() and id_column.isdigit()):
+        if not named:
+            raise ValueError(f"id column {id_column!r}: without a header, columns are named by 0-based index")
+        raise ValueError(f"id column {id_column!r} is not in {where} of {path}: {names}")
+    i = int(id_column)
+    if not 0 <= i < len(names):
+        raise ValueError(f"id column {i} is out of range: {path} has {len(names)} columns (0..{len(names) - 1})")
+    return i
+
+
+def _with_id_column(layout: _Layout, id_column: str | int | None, path: str, *, named: bool) -> _Layout:
+    """``layout`` also handing out the raw text of column ``id_column`` (None: no id column). Only
+    then is it part of the configuration, so a read without one keeps its cache entry."""
+    if id_column is None:
+        return layout
+    names = [c[1] for c in layout.spec["columns"]]
+    i = _id_column_index(names, id_column, path, named=named, where="the header" if layout.spec["header"]
+                         else "the columns")
+    layout.spec["id_column"] = i
+    layout.config["id_column"] = i
+    layout.id_name = names[i]
+    return layout
+
+
 # ------------------------------------------------------------------------------------------------
 # Input checks and peeking
 
@@ -609,6 +651,9 @@ def _flat(chunk: dict[str, Any]) -> dict[str, Any]:
 
 
 def _to_data(arrays: dict[str, Any], layout: _Layout, path: str, meta: dict[str, Any]) -> CTRData:
+    ids = arrays.get("ids")  # Parquet / Arrow: a TextColumn already
+    if "id_lengths" in arrays:
+        ids = TextColumn.from_lengths(arrays["id_lengths"], arrays["id_data"], layout.id_name or "")
     return CTRData(
         bags=_bags(arrays, layout),
         labels=arrays["labels"],
@@ -621,6 +666,8 @@ def _to_data(arrays: dict[str, Any], layout: _Layout, path: str, meta: dict[str,
         skipped=dict(arrays["skipped"]),
         source=path,
         meta=meta,
+        lines=arrays.get("lines"),
+        ids=ids,
     )
 
 
@@ -628,7 +675,9 @@ def _meta(layout: _Layout, num_threads: int, **more: Any) -> dict[str, Any]:
     c = layout.config
     meta = {"format": layout.format, "keys": c["keys"], "hash_seed": c["hash_seed"],
             "hash_buckets": list(c["hash_buckets"]), "field_ids": list(c["field_ids"]),
-            "on_bad_line": c["on_bad_line"], "num_threads": num_threads, "reader": dict(c)}
+            "on_bad_line": c["on_bad_line"], "num_threads": num_threads, "reader": dict(c),
+            # what CTRData.lines counts: text lines (1-based) or the rows of a columnar file (0-based)
+            "position": "row" if layout.format in ("parquet", "arrow", "arrow-stream") else "line"}
     if "int_buckets" in c:
         meta["int_buckets"] = c["int_buckets"]
     meta.update(more)
@@ -656,14 +705,16 @@ def _read(path: str, layout: _Layout, num_threads: int | None, cache: bool, cach
     threads = _threads(num_threads)
     if cache:
         nb = layout.spec["num_bags"]
+        # An id column is cached with the features, in an entry of its own (its configuration names
+        # the column): a second pass over a text file to get it would cost as much as parsing.
         columns = _cache.ctr_columns(layout.spec["has_label"], len(layout.dense_names),
-                                     len(layout.field_names) - nb, nb)
+                                     len(layout.field_names) - nb, nb, ids=layout.id_name is not None)
         result = _cache.cached_read(path, layout.config, lambda: _iter_native(path, layout, threads, chunk_bytes),
                                     columns, cache_dir=cache_dir, num_threads=threads)
         if result is not None:
             arrays, info = result
             _warn_if_all_bad(path, len(arrays["sparse"]), arrays["skipped"])
-            return _to_data(arrays, layout, path, _meta(layout, threads, cache=info, lines=arrays["lines"]))
+            return _to_data(arrays, layout, path, _meta(layout, threads, cache=info, lines=arrays["line_count"]))
     reader = _native_reader(path, layout, threads, chunk_bytes)
     try:
         arrays = _flat(reader.read_all())
@@ -706,7 +757,8 @@ def _iter_chunks(path: str, layout: _Layout, num_threads: int | None, chunk_byte
 def read_criteo(path: str | os.PathLike, *, format: str = "auto", int_buckets: bool = True,
                 hash_buckets: int | Sequence[int] | None = None, hash_seed: int = 0, keys: bool = False,
                 on_bad_line: str = "error", num_threads: int | None = None, cache: bool = True,
-                cache_dir: str | os.PathLike | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> CTRData:
+                cache_dir: str | os.PathLike | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                id_column: str | int | None = None) -> CTRData:
     """Read a Criteo TSV log (Kaggle / 1TB layout, plain or gzip).
 
     ``format``: ``"train"`` (40 fields: label, I1..I13, C1..C26), ``"test"`` (39, no label:
@@ -726,6 +778,10 @@ def read_criteo(path: str | os.PathLike, *, format: str = "auto", int_buckets: b
     * ``cache``: keep / reuse a verified, memory-mapped binary copy (:mod:`mlfast.io.cache`) in
       ``cache_dir`` (default ``$MLFAST_CACHE_DIR`` or ``~/.cache/mlfast``); ``meta["cache"]``
       says whether it was a hit, a miss or a rebuild.
+    * ``lines`` [N]: each row's 1-based line number in the file (see the module docstring).
+    * ``id_column``: a column (0-based index among the 40 / 39, or a name: ``"label"``, ``"I1"``,
+      ``"C1"``, ...) whose raw text every row also keeps, in ``ids`` (cached with the rest, in an
+      entry of its own).
 
     Example::
 
@@ -735,13 +791,13 @@ def read_criteo(path: str | os.PathLike, *, format: str = "auto", int_buckets: b
     """
     p = _check_path(path)
     layout = _criteo_layout(_detect_criteo(p, format), int_buckets, hash_buckets, hash_seed, keys, on_bad_line)
-    return _read(p, layout, num_threads, cache, cache_dir, chunk_bytes)
+    return _read(p, _with_id_column(layout, id_column, p, named=True), num_threads, cache, cache_dir, chunk_bytes)
 
 
 def iter_criteo_chunks(path: str | os.PathLike, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES, format: str = "auto",
                        int_buckets: bool = True, hash_buckets: int | Sequence[int] | None = None,
                        hash_seed: int = 0, keys: bool = False, on_bad_line: str = "error",
-                       num_threads: int | None = None) -> Iterator[CTRData]:
+                       num_threads: int | None = None, id_column: str | int | None = None) -> Iterator[CTRData]:
     """Stream a Criteo log as CTRData chunks of about ``chunk_bytes`` of input each (never cached).
 
     Same options and output as :func:`read_criteo`; concatenating the chunks gives its arrays.
@@ -755,13 +811,14 @@ def iter_criteo_chunks(path: str | os.PathLike, *, chunk_bytes: int = DEFAULT_CH
     """
     p = _check_path(path)
     layout = _criteo_layout(_detect_criteo(p, format), int_buckets, hash_buckets, hash_seed, keys, on_bad_line)
-    return _iter_chunks(p, layout, num_threads, chunk_bytes)
+    return _iter_chunks(p, _with_id_column(layout, id_column, p, named=True), num_threads, chunk_bytes)
 
 
 def read_avazu(path: str | os.PathLike, *, format: str = "auto", header: bool | None = None,
                hash_buckets: int | Sequence[int] | None = None, hash_seed: int = 0, keys: bool = False,
                on_bad_line: str = "error", num_threads: int | None = None, cache: bool = True,
-               cache_dir: str | os.PathLike | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> CTRData:
+               cache_dir: str | os.PathLike | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+               id_column: str | int | None = None) -> CTRData:
     """Read an Avazu CSV log (train: 24 columns with ``click``; test: 23 without).
 
     ``header=None`` requires the Avazu header and takes train/test from it; ``header=False``
@@ -769,7 +826,8 @@ def read_avazu(path: str | os.PathLike, *, format: str = "auto", header: bool | 
     ``click`` is the label, ``hour`` (YYMMDDHH) becomes three fields ``hour`` (0-23), ``weekday``
     (0 = Monday) and ``weekend`` (0/1) hashed as integers with field ids 101-103; every other
     column is a text categorical (``fnv1a64``) whose field id is its 1-based column number in the
-    24-column train layout. No dense features. Other options as :func:`read_criteo`.
+    24-column train layout. No dense features. ``id_column="id"`` keeps the ``id`` column's text
+    in ``ids`` (any column by name or 0-based index). Other options as :func:`read_criteo`.
 
     Example::
 
@@ -780,13 +838,13 @@ def read_avazu(path: str | os.PathLike, *, format: str = "auto", header: bool | 
     p = _check_path(path)
     fmt, has_header = _detect_avazu(p, format, header)
     layout = _avazu_layout(fmt, has_header, hash_buckets, hash_seed, keys, on_bad_line)
-    return _read(p, layout, num_threads, cache, cache_dir, chunk_bytes)
+    return _read(p, _with_id_column(layout, id_column, p, named=True), num_threads, cache, cache_dir, chunk_bytes)
 
 
 def iter_avazu_chunks(path: str | os.PathLike, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES, format: str = "auto",
                       header: bool | None = None, hash_buckets: int | Sequence[int] | None = None,
                       hash_seed: int = 0, keys: bool = False, on_bad_line: str = "error",
-                      num_threads: int | None = None) -> Iterator[CTRData]:
+                      num_threads: int | None = None, id_column: str | int | None = None) -> Iterator[CTRData]:
     """Stream an Avazu log as CTRData chunks (see :func:`read_avazu`, :func:`iter_criteo_chunks`).
 
     Example::
@@ -798,14 +856,16 @@ def iter_avazu_chunks(path: str | os.PathLike, *, chunk_bytes: int = DEFAULT_CHU
     p = _check_path(path)
     fmt, has_header = _detect_avazu(p, format, header)
     layout = _avazu_layout(fmt, has_header, hash_buckets, hash_seed, keys, on_bad_line)
-    return _iter_chunks(p, layout, num_threads, chunk_bytes)
+    return _iter_chunks(p, _with_id_column(layout, id_column, p, named=True), num_threads, chunk_bytes)
 
 
 def read_delimited(path: str | os.PathLike, schema: DelimitedSchema, *,
                    hash_buckets: int | Sequence[int] | None = None, hash_seed: int = 0, keys: bool = False,
                    on_bad_line: str = "error", num_threads: int | None = None, cache: bool = True,
-                   cache_dir: str | os.PathLike | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> CTRData:
-    """Read any delimited log under a :class:`DelimitedSchema` (other options as :func:`read_criteo`).
+                   cache_dir: str | os.PathLike | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                   id_column: str | int | None = None) -> CTRData:
+    """Read any delimited log under a :class:`DelimitedSchema` (other options as :func:`read_criteo`;
+    ``id_column``: a header name, or a 0-based index, which a file without a header needs).
 
     Example::
 
@@ -816,13 +876,14 @@ def read_delimited(path: str | os.PathLike, schema: DelimitedSchema, *,
     """
     p = _check_path(path)
     layout = _delimited_layout(p, schema, hash_buckets, hash_seed, keys, on_bad_line)
-    return _read(p, layout, num_threads, cache, cache_dir, chunk_bytes)
+    return _read(p, _with_id_column(layout, id_column, p, named=schema.header), num_threads, cache, cache_dir,
+                 chunk_bytes)
 
 
 def iter_delimited_chunks(path: str | os.PathLike, schema: DelimitedSchema, *,
                           chunk_bytes: int = DEFAULT_CHUNK_BYTES, hash_buckets: int | Sequence[int] | None = None,
                           hash_seed: int = 0, keys: bool = False, on_bad_line: str = "error",
-                          num_threads: int | None = None) -> Iterator[CTRData]:
+                          num_threads: int | None = None, id_column: str | int | None = None) -> Iterator[CTRData]:
     """Stream a delimited log as CTRData chunks (see :func:`read_delimited`).
 
     Example::
@@ -834,7 +895,7 @@ def iter_delimited_chunks(path: str | os.PathLike, schema: DelimitedSchema, *,
     """
     p = _check_path(path)
     layout = _delimited_layout(p, schema, hash_buckets, hash_seed, keys, on_bad_line)
-    return _iter_chunks(p, layout, num_threads, chunk_bytes)
+    return _iter_chunks(p, _with_id_column(layout, id_column, p, named=schema.header), num_threads, chunk_bytes)
 
 
 def release_memory() -> int:
@@ -864,7 +925,8 @@ def read(path: str | os.PathLike, format: str = "auto", **kw: Any) -> CTRData:
     ``format`` may also name the reader (``"criteo"``, ``"avazu"``), a Criteo layout (``"train"``,
     ``"test"``) or a ``meta["format"]`` value (``"criteo-train"``, ``"avazu-test"``, ...). Keyword
     arguments go to the chosen reader; ``int_buckets`` only concerns Criteo and is ignored for the
-    others, ``chunk_bytes`` is ignored for Parquet / Arrow.
+    others, ``chunk_bytes`` is ignored for Parquet / Arrow. Every reader takes ``id_column`` (a
+    column whose raw text each row keeps in ``CTRData.ids``).
 
     Example::
 
