@@ -26,8 +26,8 @@ import torch
 
 from mlfast.io.batches import BatchLoader
 from mlfast.io.data import CTRData
-from mlfast.io.prepare import (READER_DEFAULTS, Prepared, Split, apply_vocabulary, check_batch_size, prepare_data,
-                               read_file, reader_options)
+from mlfast.io.prepare import (READER_DEFAULTS, Prepared, Split, apply_vocabulary, check_batch_size,
+                               check_ids_in_range, prepare_data, read_file, reader_options)
 from mlfast.models import FeatureSchema, PeerSpec, parse_peers
 from mlfast.report import metrics_table, plot_curves, solo_vs_mutual_rows, solo_vs_mutual_table, write_curves_csv
 from mlfast.train import checkpoint as ckpt
@@ -133,6 +133,10 @@ class Predictor:
         """Probabilities [N, P] in input order."""
         if not isinstance(data, CTRData):
             data = self.read(data)
+        elif tuple(int(x) for x in data.field_offsets) != self.schema.field_offsets:
+            raise ValueError(f"{data.source or 'the data'}: its field layout differs from the trained models'")
+        elif not data.meta.get("format"):  # built by the caller, not by the reader: check its ids once
+            check_ids_in_range(data)
         loader = BatchLoader(data, batch_size, device=self.device, use_dense=self.use_dense)
         return predict_group(self.group, loader)[0]
 

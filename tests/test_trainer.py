@@ -206,3 +206,18 @@ def test_fused_sparse_adam_matches_dense_adam_auc(tmp_path):
     noise = max(np.ptp(aucs["plain"]), np.ptp(aucs["fused"]), 0.003)
     assert abs(np.mean(aucs["plain"]) - np.mean(aucs["fused"])) <= 2 * noise
     assert min(aucs["fused"]) > 0.7
+
+
+def test_ids_from_the_caller_are_checked_at_the_api_boundary(synth_small):
+    """Data built by hand (not by the reader) is checked once: a wild id is an error naming its
+    field, never a silent out-of-bounds read in a kernel."""
+    bad = synth_small.take(np.arange(2000))
+    bad.meta = {}
+    bad.sparse = bad.sparse.copy()
+    bad.sparse[5, 20] = bad.field_offsets[21]  # one past the field's last row: the next field's
+    with pytest.raises(ValueError, match=f"field {bad.field_names[20]} has ids"):
+        fit(bad, peers=["lr"], epochs=1, progress=False, log=lambda *a: None)
+    ok = synth_small.take(np.arange(2000))
+    r = fit(ok, peers=["lr"], epochs=1, max_steps=2, progress=False, log=lambda *a: None)
+    with pytest.raises(ValueError, match="has ids"):
+        r.predictor.predict(bad)

@@ -113,6 +113,8 @@ def prepare_data(train: str | Path | CTRData, valid=None, test=None, *, reader: 
         if isinstance(x, CTRData):
             if vocab_mode and not x.meta.get("keys"):
                 raise ValueError(f"{what}: vocabulary mode needs data read with keys=True")
+            if not vocab_mode:
+                check_ids_in_range(x, what)  # built by the caller: not in range by construction
             d = x
         else:
             d = read_file(x, ropts, keys=vocab_mode)
@@ -149,6 +151,27 @@ def prepare_data(train: str | Path | CTRData, valid=None, test=None, *, reader: 
         "skipped": dict(tr.skipped), "read_seconds": time.perf_counter() - t0,
     }
     return Prepared(splits, ropts, vocab, info)
+
+
+def check_ids_in_range(data: CTRData, what: str = "data") -> None:
+    """ValueError unless every id of ``data`` lies in its own field's rows (``field_offsets``).
+
+    The reader's ids are in range by construction; data built by a caller is checked once here, at
+    the API boundary, so the kernels (which do not check, see ``bounds_check``) never see a wild id."""
+    offs = np.asarray(data.field_offsets, dtype=np.int64)
+    F = data.sparse.shape[1]
+    if data.num_rows and F:
+        lo, hi = data.sparse.min(axis=0), data.sparse.max(axis=0)
+        bad = np.flatnonzero((lo < offs[:F]) | (hi >= offs[1:F + 1]))
+        if bad.size:
+            f = int(bad[0])
+            raise ValueError(f"{what}: field {data.field_names[f]} has ids in [{int(lo[f])}, {int(hi[f])}], outside "
+                             f"its rows [{int(offs[f])}, {int(offs[f + 1])})")
+    for s, bag in enumerate(data.bags):
+        v = np.asarray(bag.values)
+        a, b = int(offs[F + s]), int(offs[F + s + 1])
+        if v.size and (int(v.min()) < a or int(v.max()) >= b):
+            raise ValueError(f"{what}: bag field {data.field_names[F + s]} has ids outside its rows [{a}, {b})")
 
 
 MIN_TRAIN_ROWS = 2  # BatchNorm needs two samples in a training batch
