@@ -7,9 +7,17 @@ Read raw logs (``read_criteo``, ``read_avazu``, ``read_delimited``), batch them
 from __future__ import annotations
 
 import importlib
+import os as _os
 from typing import Any
 
 __version__ = "0.1.0"
+
+# One rank of a torchrun job (mlfast.dist): numba's thread pool gets this rank's share of the cores,
+# set before numba starts it. Its idle threads spin; one pool per core and rank made two 1-core
+# ranks on a 2-core machine each 3-6x slower than alone.
+if "LOCAL_WORLD_SIZE" in _os.environ and "NUMBA_NUM_THREADS" not in _os.environ:
+    _os.environ["NUMBA_NUM_THREADS"] = str(max(1, (_os.cpu_count() or 1) // max(1, int(_os.environ["LOCAL_WORLD_SIZE"]
+                                                                                   or 1))))
 
 _EXPORTS = {
     "CTRData": "io.data",

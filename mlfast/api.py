@@ -12,7 +12,6 @@ Example (runs as is from the repository root)::
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 import logging
@@ -29,7 +28,7 @@ from mlfast.io.data import CTRData
 from mlfast.io.prepare import (READER_DEFAULTS, Prepared, Split, apply_vocabulary, check_batch_size,
                                check_ids_in_range, prepare_data, read_file, reader_options)
 from mlfast.models import FeatureSchema, PeerSpec, parse_peers
-from mlfast.report import metrics_table, plot_curves, solo_vs_mutual_rows, solo_vs_mutual_table, write_curves_csv
+from mlfast.report import plot_curves, solo_vs_mutual_rows, write_curves_csv
 from mlfast.train import checkpoint as ckpt
 from mlfast.train.config import TrainConfig
 from mlfast.train.group import PeerGroup
@@ -239,8 +238,8 @@ class Session:
         }
         dropped = n_train % self.batch_size == 1
         if dropped:
-            self.log(f"note: the last batch of each epoch would hold 1 row, which BatchNorm cannot normalise: it is "
-                     f"left out (a different row each epoch, the training order being shuffled)")
+            self.log("note: the last batch of each epoch would hold 1 row, which BatchNorm cannot normalise: it is "
+                     "left out (a different row each epoch, the training order being shuffled)")
         self.extra = {"reader": prep.reader, "data": prep.info,
                       "vocab": prep.vocab.to_state() if prep.vocab is not None else None}
 

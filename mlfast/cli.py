@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+_T0 = time.perf_counter()  # wall time of the command, reported after training
 DEMO_ROWS = 200_000
 EXIT_USAGE, EXIT_ERROR = 2, 1
 log = logging.getLogger("mlfast")
@@ -156,7 +157,7 @@ def _peers_help() -> str:
 def _add_train_args(p: argparse.ArgumentParser, default_peers: str = "deepfm,dcn") -> None:
     p.add_argument("data", nargs="?", help="training file, directory or glob (Criteo TSV, Avazu CSV, any delimited "
                    "log, Parquet / Arrow; .gz ok); omitted: a generated Criteo-format demo file "
-                   f"(--demo-rows rows); with --resume: the run's own")
+                   "(--demo-rows rows); with --resume: the run's own")
     p.add_argument("--peers", default=default_peers, help=_peers_help())
     p.add_argument("--valid", help="validation file (default: 8:1:1 seeded split of DATA)")
     p.add_argument("--test", help="test file (needs --valid)")
@@ -215,6 +216,18 @@ def _add_train_args(p: argparse.ArgumentParser, default_peers: str = "deepfm,dcn
     e.add_argument("--graph-fallback", action="store_true",
                    help="run the step eagerly if CUDA-graph capture fails (default: stop with the error)")
     e.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    m = p.add_argument_group("several processes (torch.distributed; also: torchrun --nproc-per-node N -m mlfast train "
+                             "...)")
+    m.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="train with N processes on this machine (runs torch.distributed.run --standalone)")
+    m.add_argument("--parallel", choices=["data", "peers", "both"], default="data",
+                   help="data: every process holds all peers and a shard of each batch and of the embedding rows; "
+                        "peers: peers spread over the processes, logits exchanged; both: peer groups x data shards")
+    m.add_argument("--exchange-every", type=int, default=1, metavar="K",
+                   help="peers/both: use copies of the other peers refreshed every K steps instead of exchanging "
+                        "logits every step (codistillation with stale predictions)")
+    m.add_argument("--backend", choices=["auto", "nccl", "gloo"], default="auto",
+                   help="collective backend: auto (NCCL on CUDA, gloo on the CPU)")
     o = p.add_argument_group("output")
     o.add_argument("--quiet", action="store_true", help="no progress bar / periodic progress lines")
     o.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info",
@@ -235,6 +248,7 @@ _CONFIG_FLAGS = {
     "sparse_optimizer": "sparse_optimizer", "cuda_graph": "no_cuda_graph", "graph_fallback": "graph_fallback",
     "use_dense": "use_dense", "num_threads": "threads", "progress": "quiet", "max_loss": "max_loss",
     "skip_bad_batches": "skip_bad_batches", "tensorboard": "tensorboard",
+    "parallel": "parallel", "exchange_every": "exchange_every", "backend": "backend",
 }
 
 
@@ -314,6 +328,7 @@ def _train_config(a: argparse.Namespace):
         kernels=a.kernels, sparse_optimizer=a.sparse_optimizer, cuda_graph=not a.no_cuda_graph,
         graph_fallback=a.graph_fallback, use_dense=a.use_dense, num_threads=a.threads, progress=not a.quiet,
         max_loss=a.max_loss, skip_bad_batches=a.skip_bad_batches, tensorboard=a.tensorboard,
+        parallel=a.parallel, exchange_every=a.exchange_every, backend=a.backend,
     )
     if a.finetune_epochs is not None:
         kw["finetune_epochs"] = a.finetune_epochs
@@ -388,6 +403,15 @@ def cmd_train(a: argparse.Namespace) -> int:
     for flag in ("valid", "test"):
         if getattr(a, flag):
             _existing_file(getattr(a, flag), f"--{flag} file")
+    from mlfast.dist.launch import launched_by_torchrun
+
+    if a.nproc is not None or launched_by_torchrun():  # several processes: mlfast.dist
+        from mlfast.dist.run import cmd_train_distributed
+
+        return cmd_train_distributed(a, cfg, ropts)
+    if getattr(a, "_given", set()) & {"parallel", "exchange_every", "backend"}:
+        log.warning("--parallel / --exchange-every / --backend apply to several processes (--nproc N or torchrun); "
+                    "this run has one")
     if a.data:
         _existing_file(a.data, "training file")
         data = a.data
@@ -416,6 +440,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     print(f"\n{train['samples']:,} samples in {train['train_seconds']:.1f}s "
           f"({'-' if rate is None else f'{rate:,.0f}'} samples/s); stopped: {train['stopped']}"
           + (f"; {train['skipped_batches']} bad batches skipped" if train.get("skipped_batches") else ""))
+    print(f"command wall time {time.perf_counter() - _T0:.1f}s (training {train['train_seconds']:.1f}s, validation "
+          f"{train.get('validate_seconds') or 0:.1f}s)")
     print(f"run directory: {out} (metrics.json, curves.csv, curves.png, model.pt, checkpoints, train.log)")
     return 0
 
@@ -436,11 +462,24 @@ def cmd_predict(a: argparse.Namespace) -> int:
 
     _existing_file(a.data, "data file")
     pred = load_run(a.run, device=a.device)
-    data = pred.read(a.data, on_bad_line=a.on_bad_line)
+    extra = {} if a.id_column is None else {"id_column": a.id_column}
+    data = pred.read(a.data, on_bad_line=a.on_bad_line, **extra)
     preds = pred.predict(data)
     import numpy as np
 
-    write_predictions_csv(preds, a.out, ids=("row", np.arange(len(data))))
+    # What joins a prediction back to its input row: the id column, else the row's place in the
+    # source (bad lines skipped leave gaps, so never the row's position in the result).
+    if data.ids is not None:
+        keys = [(data.ids.name, data.ids)]
+    elif data.lines is None:
+        keys = [("row", np.arange(len(data)))]
+    elif data.meta.get("position") == "row":  # Parquet / Arrow: 0-based row of the file
+        keys = [("row", data.lines)]
+        if data.file_index is not None:
+            keys.insert(0, ("file", np.asarray(data.meta["files"], dtype=object)[data.file_index]))
+    else:
+        keys = [("line", data.lines)]
+    write_predictions_csv(preds, a.out, ids=keys)
     skipped = sum(v for k, v in data.skipped.items() if k != "blank_line")
     note = f" ({skipped} bad lines skipped: {data.skipped})" if skipped else ""
     print(f"wrote {len(data):,} rows x {len(preds)} columns ({', '.join(preds)}) to {a.out}{note}")
@@ -571,9 +610,14 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         q.add_argument("run", help="run directory written by mlfast train")
         q.add_argument("data", help="file to score (read with the run's format and hashing)")
         if name == "predict":
-            q.add_argument("--out", required=True, help="CSV to write: a row column (the row's 0-based position "
-                                                        "among the file's data rows), then one per peer and "
-                                                        "the ensemble")
+            q.add_argument("--out", required=True, help="CSV to write: a line column (each row's 1-based line "
+                                                        "number in the file, so rows join back also when bad "
+                                                        "lines were skipped; Parquet / Arrow: row, 0-based, "
+                                                        "after file for several files) or --id-column's values, "
+                                                        "then one column per peer and the ensemble")
+            q.add_argument("--id-column", metavar="COL", default=None,
+                           help="write this column's raw values first instead of the line number: a header name, "
+                                "or a 0-based column index (a file without a header; Criteo, Avazu)")
         q.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
         q.add_argument("--on-bad-line", choices=["error", "skip"], default="error",
                        help="error: stop at the first malformed line; skip: drop and count it")
@@ -693,6 +737,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra:  # report unknown options with the subcommand's usage, not the top level's
         sub.error(f"unrecognized arguments: {' '.join(extra)}")
     ns._given = _given_dests(sub, argv[argv.index(ns.command) + 1:])
+    ns._argv = argv  # `mlfast train --nproc N` passes it on to torchrun
     _setup_logging(getattr(ns, "log_level", "info"))
     try:
         return ns.func(ns)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import itertools
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -27,7 +26,7 @@ from mlfast.train import checkpoint as ckpt
 from mlfast.api import Session, prepare_data
 from mlfast.train.config import TrainConfig
 from mlfast.train.metrics import peer_metrics
-from mlfast.models import PeerSpec, parse_peers
+from mlfast.models import parse_peers
 from mlfast.report import format_table
 
 

@@ -11,7 +11,7 @@ import torch
 
 from mlfast.io.batches import BatchLoader
 from mlfast.io.data import BagField, CTRData
-from mlfast.models import FeatureSchema, build_model, parse_peers
+from mlfast.models import FeatureSchema, parse_peers
 from mlfast.train.group import PeerGroup
 from mlfast.io.vocab import Vocabulary
 

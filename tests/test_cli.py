@@ -46,10 +46,10 @@ def test_train_predict_eval_on_the_kaggle_sample(tmp_path, capsys):
     assert main(["predict", str(run), str(HEAD10K_TEST), "--out", str(preds)]) == 0
     with open(preds) as f:
         header = f.readline().strip().split(",")
-    assert header == ["row", "deepfm", "dcn", "ensemble"]
+    assert header == ["line", "deepfm", "dcn", "ensemble"]
     p = np.loadtxt(preds, delimiter=",", skiprows=1)
     assert p.shape == (10_000, 4)  # one row per input line, in input order
-    assert (p[:, 0] == np.arange(10_000)).all()
+    assert (p[:, 0] == np.arange(1, 10_001)).all()  # each row's 1-based line in the file
     p = p[:, 1:]
     assert ((p > 0) & (p < 1)).all()
     np.testing.assert_allclose(p[:, 2], p[:, :2].mean(1), atol=2e-6)
@@ -222,7 +222,7 @@ def test_plain_progress_lines_and_one_line_per_validation(small_file, tmp_path, 
     assert main(argv) == 0
     out, err = capfd.readouterr()
     assert "\r" not in out + err  # not a terminal: no carriage-return bar
-    assert any(line.startswith("step 1/24 (epoch 0): loss") for line in err.splitlines())
+    assert any(line.startswith("step 1/24 (epoch 0.08): loss") for line in err.splitlines())
     valid = [line for line in err.splitlines() if " valid: " in line]
     assert len(valid) == 4 + 2  # every 5 steps (5, 10, 15, 20) and after each epoch
     assert all("deepfm AUC" in v and "dcn AUC" in v and "ensemble AUC" in v and "logloss" in v for v in valid)

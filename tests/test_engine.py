@@ -11,7 +11,7 @@ from mlfast.models import FeatureSchema, parse_peers
 from mlfast.ops.backends import select_backends
 from mlfast.train.baselines import TorchSparseEngine
 from mlfast.train.config import TrainConfig
-from mlfast.train.engine import Engine, FusedEngine, PlainEngine, build_group, make_engine
+from mlfast.train.engine import Engine, build_group, make_engine
 from mlfast.train.tables import DenseTables
 
 SCHEMA = FeatureSchema((0, 37, 60, 101))  # 3 fields, odd sizes

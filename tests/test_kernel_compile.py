@@ -126,7 +126,7 @@ def compile_variants(groups: tuple[str, ...] = ("forward", "bag", "update", "los
             label[0] = f"{ws} {lay} ids={str(it)[6:]} out={'bf16' if od else 'fp32'}{' bounds' if bc else ''}"
             embedding_forward(w, ids_of(it).view(B, F), ws, offs, out_dtype=od, bounds_check=bc)
         # bag forward
-        n_bags, nnz = 512, 512 * 20
+        nnz = 512 * 20
         bag = [((17, 16), lay, it, None, "sum", False, False) for lay in layouts for it in (i32, i64)]
         bag += [((17, 16), "aligned", i32, torch.bfloat16, "sum", False, False),
                 ((17, 16), "aligned", i32, None, "sum", True, False),

@@ -23,7 +23,8 @@ import torch
 
 from mlfast.train import checkpoint as ckpt
 
-TIMING_KEYS = {"train_seconds", "samples_per_second", "checkpoint_seconds", "read_seconds", "graph"}
+TIMING_KEYS = {"train_seconds", "samples_per_second", "checkpoint_seconds", "read_seconds", "graph", "timing",
+               "validate_seconds"}
 FAULTS = ["write-last.pt:3", "write-best.pt:2", "after_model", "before_finished"]
 
 

@@ -5,7 +5,6 @@ the command line trains from a Parquet file, a directory and a glob."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 

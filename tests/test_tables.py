@@ -4,7 +4,6 @@ F.embedding_bag + autograd + the reference sparse optimizer; initialisation, laz
 layout, snapshots and bounds checks."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F

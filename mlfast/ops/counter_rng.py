@@ -15,6 +15,8 @@ import math
 import numba as nb
 import numpy as np
 
+from mlfast.ops.threads import parallel_for
+
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
@@ -48,10 +50,10 @@ def normal(key, counter):  # pragma: no cover - numba
     return math.sqrt(-2.0 * math.log(u1)) * math.cos(2.0 * math.pi * u2)
 
 
-@nb.njit(parallel=True, cache=True)
-def _fill_normal(out, rows, seed, width, col0, std):  # pragma: no cover - numba
+@nb.njit(nogil=True, cache=True)
+def _fill_normal(out, rows, seed, width, col0, std, lo, hi):  # pragma: no cover - numba
     key = stream_key(seed)
-    for i in nb.prange(rows.shape[0]):
+    for i in range(lo, hi):
         base = np.uint64(rows[i]) * np.uint64(width)
         for c in range(width):
             out[i, col0 + c] = np.float32(std * normal(key, base + np.uint64(c)))
@@ -75,5 +77,8 @@ def normal_rows(seed: int, rows: np.ndarray, width: int, std: float, out: np.nda
         raise ValueError(f"out must be float32 [{len(rows)}, >= {col0 + width}], got {out.dtype} {out.shape}")
     if rows.size and rows.min() < 0:
         raise ValueError("rows must be >= 0")
-    _fill_normal(out, rows, np.uint64(seed % (1 << 64)), int(width), int(col0), float(std))
+    key = np.uint64(seed % (1 << 64))
+    # serial GIL-free pieces on the shared thread budget (not numba's prange: see mlfast.ops.threads)
+    parallel_for(lambda lo, hi: _fill_normal(out, rows, key, int(width), int(col0), float(std), lo, hi),
+                 len(rows), 1 << 15)
     return out

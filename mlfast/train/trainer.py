@@ -119,6 +119,7 @@ class Progress:
     best_step: list[int] = field(default_factory=list)
     best_metrics: list[dict | None] = field(default_factory=list)
     skipped_batches: int = 0
+    eval_seconds: float = 0.0  # validation (and the checkpoint snapshots taken with it)
     history: list[dict] = field(default_factory=list)
 
 
@@ -143,6 +144,7 @@ class MutualTrainer:
         seeds: Sequence[int] | None = None,
         engine: str | None = None,
         backends: Backends | None = None,
+        dense_touch: bool = False,
     ):
         self.cfg = cfg
         self.specs = list(peers)
@@ -154,8 +156,9 @@ class MutualTrainer:
         configure_determinism(cfg.deterministic)
         ckpt.seed_everything(cfg.seed)
         self.seeds = list(seeds) if seeds is not None else [peer_seed(cfg.seed, lbl) for lbl in self.labels]
-        self.engine: Engine = make_engine(self.specs, schema, cfg, self.device, self.seeds,
-                                          lr=lr if lr is not None else cfg.lr, engine=engine, backends=backends)
+        self.engine: Engine = self.build_engine(self.specs, schema, cfg, self.device, self.seeds,
+                                                lr=lr if lr is not None else cfg.lr, engine=engine, backends=backends,
+                                                dense_touch=dense_touch)
         self.group: PeerGroup = self.engine.group
         ckpt.seed_everything(cfg.seed)
         if init_states is not None:  # snapshots of single-peer groups (pretrained solo runs)
@@ -174,6 +177,13 @@ class MutualTrainer:
         self._extra_state: dict = {}
         self._warned_undefined = False
         self.finished_on_best = False
+
+    def build_engine(self, specs: Sequence[PeerSpec], schema: FeatureSchema, cfg: TrainConfig, device: torch.device,
+                     seeds: Sequence[int], *, lr: float, engine: str | None, backends: Backends | None,
+                     dense_touch: bool = False) -> Engine:
+        """The engine that trains the group (a hook: ``mlfast.dist`` builds a rank's engine here)."""
+        return make_engine(specs, schema, cfg, device, seeds, lr=lr, engine=engine, backends=backends,
+                           dense_touch=dense_touch)
 
     # ------------------------------------------------------------------------------- prediction
     @torch.no_grad()
@@ -208,7 +218,7 @@ class MutualTrainer:
             for f in ckpt.clean_stale_temporaries(out):
                 log.info("removed %s (left by an interrupted checkpoint write)", f)
         if resume:
-            if out is None or not (out / "last.pt").is_file():
+            if out is None or not self.has_checkpoint(out):
                 raise FileNotFoundError(f"--resume: no checkpoint at {out / 'last.pt' if out else '(no --out)'}")
             self.load_training_state(out)
         pr = self.progress
@@ -225,7 +235,7 @@ class MutualTrainer:
         self.group.train(True)
         if not cfg.alpha_warmup_steps:
             self.engine.set_alpha(cfg.alpha)
-        reporter = _Reporter(cfg.progress, total_steps, pr, self.labels)
+        reporter = _Reporter(cfg.progress, total_steps, pr, self.labels, len(train))
         clock = _Clock(pr)
         try:
             with self._stop_on_signals():
@@ -290,6 +300,7 @@ class MutualTrainer:
             "epochs_completed": pr.epoch,
             "stopped": pr.stopped,
             "train_seconds": pr.train_seconds,
+            "validate_seconds": pr.eval_seconds,
             "samples_per_second": pr.samples / pr.train_seconds if pr.train_seconds > 0 else None,
             "selection_metric": pr.metric,
             "best_step": dict(zip(self.labels, pr.best_step)),
@@ -353,7 +364,16 @@ class MutualTrainer:
             f(row)
 
     def _validate(self, valid, out: Path | None, reporter: "_Reporter", count_bad: bool = True) -> None:
+        t0 = time.perf_counter()
+        try:
+            self._validate_now(valid, out, reporter, count_bad)
+        finally:
+            self.progress.eval_seconds += time.perf_counter() - t0
+
+    def _validate_now(self, valid, out: Path | None, reporter: "_Reporter", count_bad: bool) -> None:
         cfg, pr = self.cfg, self.progress
+        if getattr(self, "_loss_count", 0):
+            self._read_losses(reporter)  # the training loss up to this evaluation, in the same history
         self._check_health()
         metrics = self.evaluate(valid)
         if pr.metric == "auc" and any(m["auc"] is None for m in metrics.values()):
@@ -380,10 +400,7 @@ class MutualTrainer:
                 pr.best_metrics[i] = dict(metrics[name])
                 improved.append(i)
         if improved:
-            # only the improved peers' columns of the rows updates touched: no whole-table copy
-            snap = self.group.snapshot(peers=improved)
-            for i in improved:
-                self.best[i] = _peer_part(snap, i)
+            self.keep_best(improved)
         if improved or not count_bad:
             pr.bad_evals = 0
             if out is not None and improved:
@@ -397,6 +414,13 @@ class MutualTrainer:
                 pr.stopped = "early_stopping"
         if out is not None:
             self.save_training_state(out)
+
+    def keep_best(self, improved: Sequence[int]) -> None:
+        """Keep the current weights of the ``improved`` peers as their best (a hook for ``mlfast.dist``)."""
+        # only the improved peers' columns of the rows updates touched: no whole-table copy
+        snap = self.group.snapshot(peers=improved)
+        for i in improved:
+            self.best[i] = _peer_part(snap, i)
 
     def restore_best(self) -> None:
         for i, snap in enumerate(self.best):
@@ -444,6 +468,10 @@ class MutualTrainer:
         self._check_health()
         self.save_training_state(out, sync=True)
         return out / "last.pt"
+
+    def has_checkpoint(self, out: Path) -> bool:
+        """Whether ``out`` holds a checkpoint to resume from (a hook for ``mlfast.dist``)."""
+        return (out / "last.pt").is_file()
 
     def load_finished(self, run: Path) -> None:
         """Load the final peer weights of a finished run directory (its model.pt)."""
@@ -562,22 +590,24 @@ class _Clock:
             self.t0 = time.perf_counter()
 
 
-def format_validation(step: int, epoch: int, metrics: dict[str, dict[str, float | None]]) -> str:
-    """One line: ``step 126 (epoch 1) valid: deepfm AUC 0.7082 logloss 0.4634 | ... | ensemble ...``."""
+def format_validation(step: int, epochs: float, metrics: dict[str, dict[str, float | None]]) -> str:
+    """One line: ``step 126 (epoch 1.00) valid: deepfm AUC 0.7082 logloss 0.4634 | ... | ensemble ...``
+    (``epochs``: epochs trained so far, fractional mid-epoch)."""
     def f(x):
         return "-" if x is None else f"{x:.4f}"
 
     parts = [f"{name} AUC {f(m['auc'])} logloss {f(m['logloss'])}" for name, m in metrics.items()]
-    return f"step {step} (epoch {epoch}) valid: " + " | ".join(parts)
+    return f"step {step} (epoch {epochs:.2f}) valid: " + " | ".join(parts)
 
 
 class _Reporter:
     """Progress on a terminal (a tqdm bar), plain periodic log lines otherwise; one line per
     validation either way."""
 
-    def __init__(self, enabled: bool, total: int, pr: Progress, labels: Sequence[str]):
+    def __init__(self, enabled: bool, total: int, pr: Progress, labels: Sequence[str], steps_per_epoch: int):
         self.enabled = enabled
         self.total = total
+        self.steps_per_epoch = max(1, steps_per_epoch)
         self.pr = pr
         self.bar = None
         self.last_line = time.perf_counter()
@@ -594,7 +624,7 @@ class _Reporter:
         elif self.enabled and time.perf_counter() - self.last_line >= PLAIN_PROGRESS_SECONDS:
             self.last_line = time.perf_counter()
             loss = "-" if self.last_loss is None else f"{self.last_loss:.4f}"
-            log.info("step %d/%d (epoch %d): loss %s, %s samples/s", self.pr.step, self.total, self.pr.epoch, loss,
+            log.info("step %d/%d (epoch %.2f): loss %s, %s samples/s", self.pr.step, self.total, self.epochs(), loss,
                      f"{clock.rate():,.0f}")
 
     def loss(self, value: float) -> None:
@@ -602,8 +632,11 @@ class _Reporter:
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{value:.4f}", samples_per_s=f"{self.clock.rate():,.0f}")
 
+    def epochs(self) -> float:
+        return self.pr.epoch + self.pr.batch / self.steps_per_epoch
+
     def validation(self, pr: Progress, metrics: dict) -> None:
-        line = format_validation(pr.step, pr.epoch, metrics)
+        line = format_validation(pr.step, self.epochs(), metrics)
         if self.bar is not None:
             self.bar.clear()
         log.info(line)
