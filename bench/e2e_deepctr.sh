@@ -19,7 +19,7 @@ DATA="$WORK/criteo_synth_${ROWS}.tsv"
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q torch==2.13.0
-  "$VENV/bin/pip" install -q deepctr-torch pandas scikit-learn
+  "$VENV/bin/pip" install -q deepctr-torch pandas scikit-learn requests  # deepctr-torch imports requests
 fi
 echo "== DeepCTR-Torch"
 "$VENV/bin/python" bench/e2e_deepctr.py "$DATA" --json "$WORK/deepctr.json"

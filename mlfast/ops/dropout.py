@@ -41,6 +41,7 @@ for dtypes other than float32, float64 and bfloat16.
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 import torch
@@ -334,7 +335,40 @@ def relu_dropout(x: torch.Tensor, p: float, seed: int, counter: int, training: b
         return torch.relu(x)
     if resolve_impl(impl, x) == "reference":
         return F.dropout(torch.relu(x), p, training=True)
-    return ReLUDropoutFunction.apply(x, p, seed, counter)
+    return _fast(x, p, int(seed), int(counter))
+
+
+def _fast(x: torch.Tensor, p: float, seed: int, counter: int) -> torch.Tensor:
+    # numba kernels on the tensors' memory must stay opaque to torch.compile (a graph break, not a
+    # trace). Decorating with torch.compiler.disable at import would import torch._dynamo (~1 s of
+    # every mlfast command's start): nothing can be compiling while it is not loaded, so the
+    # disabled wrapper is made only once it is.
+    if "torch._dynamo" not in sys.modules:
+        return ReLUDropoutFunction.apply(x, p, seed, counter)
+    return _compile_safe()(x, p, seed, counter)
+
+
+_DISABLED = None
+
+
+def _compile_safe():
+    global _DISABLED
+    if _DISABLED is None:
+        _DISABLED = torch.compiler.disable(lambda x, p, seed, counter: ReLUDropoutFunction.apply(x, p, seed, counter))
+    return _DISABLED
+
+
+def set_impl(module: nn.Module, impl: str) -> int:
+    """Set ``impl`` on every `ReLUDropout` inside ``module``; returns how many (the benchmarks run
+    their plain-PyTorch baselines with ``"reference"``: ``F.dropout`` as FuxiCTR's models use)."""
+    if impl not in ("auto",) + IMPLS:
+        raise ValueError(f"dropout impl {impl!r}: expected auto, {', '.join(IMPLS)}")
+    n = 0
+    for m in module.modules():
+        if isinstance(m, ReLUDropout):
+            m.impl = impl
+            n += 1
+    return n
 
 
 class ReLUDropout(nn.Module):
@@ -390,7 +424,7 @@ class ReLUDropout(nn.Module):
         if resolve_impl(self.impl, x) == "reference":
             y = F.dropout(torch.relu(x), self.p, training=True)
         else:  # CPU buffers: reading them is no device sync
-            y = ReLUDropoutFunction.apply(x, self.p, int(self.seed), int(self.counter))
+            y = _fast(x, self.p, int(self.seed), int(self.counter))
         with torch.no_grad():
             self.counter.add_(1)
         return y
