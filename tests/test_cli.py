@@ -275,7 +275,6 @@ def test_every_mlfast_command_in_the_readme_parses():
     assert len(cmds) >= 5
     parser, subs = build_parser()
     for c in cmds:
-        argv = shlex.split(c)[1:]
-        argv = [a for a in argv if not a.startswith("#")]
+        argv = shlex.split(c, comments=True)[1:]
         ns, extra = parser.parse_known_args(argv)
         assert not extra, f"{c}: unknown arguments {extra}"
