@@ -494,25 +494,24 @@ class _ListHandler(logging.Handler):
         self.records.append(record)
 
 
-def _fit(train, valid, test, *, peers, out, resume, overwrite, reader, log, run_log: _RunLog, **config) -> FitResult:
-    t_start = time.perf_counter()
-    say = log or globals()["log"].info
-    out_dir = Path(out) if out is not None else None
+def plan_run(train, valid, test, peers, out_dir: Path | None, resume: bool, overwrite: bool, reader, config: dict,
+             say: Callable) -> dict[str, Any]:
+    """The decisions about the run directory and the settings, before any data is read: with
+    ``resume`` the saved run's settings and data (given ones checked against them), else the given
+    ones. Returns ``{"config", "reader", "train", "valid", "test", "resume", "split_from_train",
+    "created", "finished"}``; ``finished`` holds the metrics of a finished run that nothing asks to
+    extend (then nothing else is to be done). One process (`fit`) and rank 0 of a job
+    (`mlfast.dist.run.fit`) decide alike."""
     if resume and out_dir is None:
         raise ValueError("resume needs the run directory (out=...)")
-    if out_dir is not None:
-        created = prepare_run_dir(out_dir, resume, overwrite)
-    else:
-        created = False
+    created = prepare_run_dir(out_dir, resume, overwrite) if out_dir is not None else False
     if resume and _saved_run(out_dir) is not None:
         given = {"config": dict(config, **({"peers": [str(s) for s in parse_peers(peers)]} if peers else {})),
-                 "reader": {k: v for k, v in reader_options(**(reader or {})).items()
-                            if reader and k in reader},
+                 "reader": {k: v for k, v in reader_options(**(reader or {})).items() if reader and k in reader},
                  "data": {"train": None if isinstance(train, CTRData) else train,
                           "valid": None if isinstance(valid, CTRData) else valid,
                           "test": None if isinstance(test, CTRData) else test}}
         cfg, ropts, paths, changed = resume_settings(out_dir, given)
-        specs = parse_peers(cfg.peers)
         train = train if train is not None else paths["train"]
         valid = valid if valid is not None else paths["valid"]
         test = test if test is not None else paths["test"]
@@ -520,8 +519,7 @@ def _fit(train, valid, test, *, peers, out, resume, overwrite, reader, log, run_
         if done and not _extends(out_dir, cfg):
             say(f"the run in {out_dir} already finished ({_stopped(out_dir)}); nothing to do. Pass a larger "
                 f"--epochs to train it longer.")
-            metrics = json.loads((out_dir / "metrics.json").read_text())
-            return FitResult(metrics, Predictor.load(out_dir, cfg.device), out_dir, [], already_finished=True)
+            return {"config": cfg.to_dict(), "finished": json.loads((out_dir / "metrics.json").read_text())}
         if changed:
             say(f"resuming {out_dir} with changed settings: {', '.join(changed)}")
         split_from_train = paths["valid"] is None
@@ -535,6 +533,21 @@ def _fit(train, valid, test, *, peers, out, resume, overwrite, reader, log, run_
         split_from_train = valid is None
     if train is None:
         raise ValueError("no training data given")
+    return {"config": cfg.to_dict(), "reader": ropts, "train": train, "valid": valid, "test": test,
+            "resume": resume, "split_from_train": split_from_train, "created": created, "finished": None}
+
+
+def _fit(train, valid, test, *, peers, out, resume, overwrite, reader, log, run_log: _RunLog, **config) -> FitResult:
+    t_start = time.perf_counter()
+    say = log or globals()["log"].info
+    out_dir = Path(out) if out is not None else None
+    plan = plan_run(train, valid, test, peers, out_dir, resume, overwrite, reader, config, say)
+    cfg = TrainConfig.from_dict(plan["config"])
+    if plan["finished"] is not None:
+        return FitResult(plan["finished"], Predictor.load(out_dir, cfg.device), out_dir, [], already_finished=True)
+    specs = parse_peers(cfg.peers)
+    train, valid, test, ropts = plan["train"], plan["valid"], plan["test"], plan["reader"]
+    resume, created, split_from_train = plan["resume"], plan["created"], plan["split_from_train"]
     try:
         prep = prepare_data(train, valid if not split_from_train else None, test if not split_from_train else None,
                             reader=ropts, split_seed=cfg.seed)

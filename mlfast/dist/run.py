@@ -20,8 +20,7 @@ from typing import Any, Callable
 
 import torch.distributed as dist
 
-from mlfast.api import (MODEL_FILE, FitResult, Predictor, Session, _extends, _finished, _saved_run, _train,
-                        prepare_run_dir, resume_settings)
+from mlfast.api import MODEL_FILE, FitResult, Predictor, Session, _finished, _train, plan_run
 from mlfast.dist.comm import Comm, CommStats
 from mlfast.dist.data import ShardedBatchLoader
 from mlfast.dist.launch import (DistContext, configure_rank_logging, init_process_group, launched_by_torchrun,
@@ -29,7 +28,7 @@ from mlfast.dist.launch import (DistContext, configure_rank_logging, init_proces
 from mlfast.dist.topology import Topology
 from mlfast.dist.trainer import DistTrainer
 from mlfast.io.data import CTRData
-from mlfast.io.prepare import prepare_data, reader_options
+from mlfast.io.prepare import prepare_data
 from mlfast.models import parse_peers
 from mlfast.train import checkpoint as ckpt
 from mlfast.train.config import TrainConfig
@@ -127,8 +126,8 @@ def fit(train: str | Path | CTRData | None, valid=None, test=None, *, peers=None
     say = log or globals()["log"].info
     out_dir = Path(out) if out is not None else None
     with _RunLog(out_dir if (out_dir is not None and log_file and writer) else None) as run_log:
-        plan = _on_rank0(world, lambda: _plan(train, valid, test, peers, out_dir, resume, overwrite, reader, config,
-                                              say))
+        plan = _on_rank0(world, lambda: plan_run(train, valid, test, peers, out_dir, resume, overwrite, reader,
+                                                  config, say))
         cfg = TrainConfig.from_dict(plan["config"])
         if plan.get("finished") is not None:
             pred = Predictor.load(out_dir, cfg.device) if writer else None
@@ -173,45 +172,6 @@ def fit(train: str | Path | CTRData | None, valid=None, test=None, *, peers=None
                 shutil.rmtree(out_dir, ignore_errors=True)  # nothing worth keeping: no checkpoint was written
             raise
         return result
-
-
-def _plan(train, valid, test, peers, out_dir: Path | None, resume: bool, overwrite: bool, reader, config: dict,
-          say: Callable) -> dict[str, Any]:
-    """Rank 0's decisions about the run directory and settings (`mlfast.api._fit`'s first half)."""
-    if resume and out_dir is None:
-        raise ValueError("resume needs the run directory (out=...)")
-    created = prepare_run_dir(out_dir, resume, overwrite) if out_dir is not None else False
-    if resume and _saved_run(out_dir) is not None:
-        given = {"config": dict(config, **({"peers": [str(s) for s in parse_peers(peers)]} if peers else {})),
-                 "reader": {k: v for k, v in reader_options(**(reader or {})).items() if reader and k in reader},
-                 "data": {"train": None if isinstance(train, CTRData) else train,
-                          "valid": None if isinstance(valid, CTRData) else valid,
-                          "test": None if isinstance(test, CTRData) else test}}
-        cfg, ropts, paths, changed = resume_settings(out_dir, given)
-        train = train if train is not None else paths["train"]
-        valid = valid if valid is not None else paths["valid"]
-        test = test if test is not None else paths["test"]
-        done = (out_dir / "finished.json").is_file() and (out_dir / "metrics.json").is_file()
-        if done and not _extends(out_dir, cfg):
-            import json
-
-            say(f"the run in {out_dir} already finished; nothing to do. Pass a larger --epochs to train it longer.")
-            return {"config": cfg.to_dict(), "finished": json.loads((out_dir / "metrics.json").read_text())}
-        if changed:
-            say(f"resuming {out_dir} with changed settings: {', '.join(changed)}")
-        split_from_train = paths["valid"] is None
-    else:
-        if resume:
-            say(f"--resume: {out_dir} holds no run yet: starting from the beginning")
-            resume = False
-        specs = parse_peers(peers if peers is not None else TrainConfig().peers)
-        cfg = TrainConfig(peers=[str(s) for s in specs], **config)
-        ropts = reader_options(**(reader or {}))
-        split_from_train = valid is None
-    if train is None:
-        raise ValueError("no training data given")
-    return {"config": cfg.to_dict(), "reader": ropts, "train": train, "valid": valid, "test": test,
-            "resume": resume, "split_from_train": split_from_train, "created": created, "finished": None}
 
 
 # ---------------------------------------------------------------------------------------------
