@@ -217,7 +217,8 @@ class CTRData:
 
         >>> import mlfast
         >>> d = mlfast.read_criteo("../shared/datasets_raw/criteo_kaggle_head10k/train_head10000.txt")
-        >>> d.sparse.shape, d.field_offsets.shape        # (10000, 39), (40,)
+        >>> d.sparse.shape, d.field_offsets.shape
+        ((10000, 39), (40,))
     """
 
     labels: np.ndarray | None  # [N] float32, None when the input has no label column

@@ -128,8 +128,18 @@ class MutualTrainer:
 
     Example::
 
-        >>> trainer = MutualTrainer(parse_peers("deepfm,dcn"), FeatureSchema.from_data(data), TrainConfig())
-        >>> summary = trainer.fit(train_loader, valid_loader, out_dir="runs/x")
+        >>> import mlfast
+        >>> from mlfast.io.batches import BatchLoader
+        >>> from mlfast.models import parse_peers
+        >>> data = mlfast.read_criteo("../shared/datasets_raw/criteo_kaggle_head10k/train_head10000.txt",
+        ...                           hash_buckets=1000)
+        >>> cfg = TrainConfig(epochs=1, batch_size=512, device="cpu")
+        >>> trainer = MutualTrainer(parse_peers("deepfm,dcn"), FeatureSchema.from_data(data), cfg)
+        >>> train = BatchLoader(data, 512, indices=range(8000), shuffle=True)
+        >>> valid = BatchLoader(data, 1024, indices=range(8000, 10000))
+        >>> summary = trainer.fit(train, valid)   # out_dir=... keeps checkpoints
+        >>> summary["steps"], summary["stopped"], sorted(summary["best_valid"])
+        (16, 'completed', ['dcn', 'deepfm'])
     """
 
     def __init__(
