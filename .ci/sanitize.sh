@@ -23,6 +23,11 @@ rm -rf "$SITE" "$REPORTS"
 mkdir -p "$REPORTS"
 
 echo "== building csrc/ with $FLAGS into $SITE"
+# --no-build-isolation needs the build backend (pyproject's build-system.requires) in this venv:
+# `pip install -e .` put it only into an isolated build environment that is gone.
+build_requires=$(python -c "import tomllib; print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['build-system']['requires']))")
+# shellcheck disable=SC2086
+python -m pip install -q $build_requires
 python -m pip install -q --no-deps --no-build-isolation --target "$SITE" \
   -C build-dir="$ROOT/cmake" -C cmake.build-type=RelWithDebInfo \
   -C cmake.define.CMAKE_CXX_FLAGS="$FLAGS" -C cmake.define.CMAKE_MODULE_LINKER_FLAGS="-fsanitize=address,undefined" .
