@@ -1,6 +1,9 @@
 """Splits and the batch iterator: coverage, determinism, resume, and the prefetch thread's life."""
 from __future__ import annotations
 
+import inspect
+import subprocess
+import sys
 import threading
 import time
 
@@ -9,7 +12,7 @@ import pytest
 import torch
 
 from mlfast.io.batches import (PREFETCH_THREAD_NAME, Batch, BatchLoader, gather_rows, iter_batches,
-                            split_indices, split_sizes)
+                               split_indices, split_sizes, stop_prefetch_threads)
 from mlfast.io.data import CTRData
 
 
@@ -228,6 +231,28 @@ def test_early_break_stops_thread():
     it.close()
     assert prefetch_threads() == before
     assert time.monotonic() - t0 < 5
+
+
+def test_a_generator_never_closed_is_stopped_at_exit():
+    d = make_data(5000)
+    before = prefetch_threads()
+    kept = BatchLoader(d, 10, prefetch=2).epoch(0)
+    next(kept)  # left suspended, as a loop kept alive to the end of a program leaves it
+    assert prefetch_threads() == before + 1
+    assert stop_prefetch_threads() >= 1  # what runs at exit (atexit)
+    assert prefetch_threads() == before
+    kept.close()
+
+
+def test_a_program_that_leaves_an_epoch_open_exits_cleanly(tmp_path):
+    script = tmp_path / "open_epoch.py"
+    # a program that keeps a suspended epoch (its prefetch thread running) until it exits
+    script.write_text("import numpy as np\nfrom mlfast.io.batches import BatchLoader\nfrom mlfast.io.data import CTRData\n"
+                      + inspect.getsource(make_data)
+                      + "KEPT = BatchLoader(make_data(20000), 8, prefetch=4).epoch(0)\nnext(KEPT)\nprint('ok')\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "ok"
 
 
 def test_iter_batches_in_memory():

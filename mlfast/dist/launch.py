@@ -14,7 +14,9 @@
 """
 from __future__ import annotations
 
+import atexit
 import datetime
+import faulthandler
 import logging
 import os
 import signal
@@ -29,8 +31,10 @@ import torch.distributed as dist
 from mlfast.dist.comm import Comm, CommStats
 from mlfast.dist.topology import Topology
 from mlfast.train.config import DIST_BACKENDS as BACKENDS
+
 DEFAULT_TIMEOUT_S = 300.0
 TIMEOUT_ENV = "MLFAST_DIST_TIMEOUT"
+log = logging.getLogger(__name__)
 
 
 def launched_by_torchrun() -> bool:
@@ -185,8 +189,24 @@ def init_process_group(device_spec: str = "auto", backend: str = "auto") -> tupl
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         dist.init_process_group(be, store=_attempt_store(rank, world, timeout), rank=rank, world_size=world,
                                 timeout=timeout, **kw)
+        atexit.register(shutdown_process_group)
+        if not faulthandler.is_enabled():
+            faulthandler.enable()  # a rank that aborts or crashes shows every thread's Python stack
     align_numba_threads()
     return device, be, local_rank
+
+
+def shutdown_process_group() -> None:
+    """Destroy every process group of this process, if any (idempotent; registered at exit).
+
+    Gloo's worker threads may still hold the last collective's tensors; released after the
+    interpreter began finalising, they would need the GIL a finalising interpreter no longer gives,
+    and the rank aborts at exit. Destroying the groups first joins those threads."""
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception as exc:  # noqa: BLE001 - exiting anyway; say why the groups stayed
+            log.debug("destroy_process_group failed: %s", exc)
 
 
 def _attempt_store(rank: int, world: int, timeout: datetime.timedelta) -> dist.Store:

@@ -24,7 +24,7 @@ from mlfast.api import MODEL_FILE, FitResult, Predictor, Session, _finished, _tr
 from mlfast.dist.comm import Comm, CommStats
 from mlfast.dist.data import ShardedBatchLoader
 from mlfast.dist.launch import (DistContext, configure_rank_logging, init_process_group, launched_by_torchrun,
-                                restart_count, run_with_torchrun)
+                                restart_count, run_with_torchrun, shutdown_process_group)
 from mlfast.dist.topology import Topology
 from mlfast.dist.trainer import DistTrainer
 from mlfast.io.data import CTRData
@@ -179,8 +179,7 @@ def fit(train: str | Path | CTRData | None, valid=None, test=None, *, peers=None
 
 def cmd_train_distributed(a, cfg: TrainConfig, ropts: dict) -> int:
     """``mlfast train`` with ``--nproc N`` (start torchrun) or as one rank under torchrun."""
-    from mlfast.cli import UsageError, _existing_file, _given_settings, ensure_demo_data
-    from mlfast.report import metrics_table
+    from mlfast.cli import UsageError
 
     if cfg.regime != "joint":
         raise UsageError("--regime finetune runs in one process; several processes train the peers jointly")
@@ -195,6 +194,16 @@ def cmd_train_distributed(a, cfg: TrainConfig, ropts: dict) -> int:
     if restart_count() > 0 and not a.out:
         raise UsageError("a job restarted by torchrun --max-restarts needs --out to find its checkpoints")
     device, backend, _ = init_process_group(cfg.device, cfg.backend)
+    try:
+        return _train_rank(a, cfg, ropts, device)
+    finally:
+        shutdown_process_group()  # on every path: a rank must not exit with its groups alive
+
+
+def _train_rank(a, cfg: TrainConfig, ropts: dict, device) -> int:
+    from mlfast.cli import _existing_file, _given_settings, ensure_demo_data
+    from mlfast.report import metrics_table
+
     W, r = dist.get_world_size(), dist.get_rank()
     configure_rank_logging(r, W)
     world = Comm("world", list(range(W)), None, CommStats(), device)
@@ -238,5 +247,4 @@ def cmd_train_distributed(a, cfg: TrainConfig, ropts: dict) -> int:
               f"(--parallel {cfg.parallel}); rank 0 sent {sent / 1e6:.3f} MB per step; stopped: "
               f"{train.get('stopped')}")
         print(f"run directory: {out} (metrics.json, curves.csv, model.pt, dist/ checkpoint shards, train.log)")
-    dist.destroy_process_group()
     return 0

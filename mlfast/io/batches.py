@@ -29,6 +29,7 @@ Example::
 """
 from __future__ import annotations
 
+import atexit
 import math
 import os
 import queue
@@ -44,6 +45,28 @@ import torch
 from mlfast.io.data import CTRData
 
 PREFETCH_THREAD_NAME = "mlfast-batch-prefetch"
+
+# Prefetch threads still running, with their stop events. A loop that leaves an epoch early stops
+# its thread when the generator is closed; one never closed (kept alive to the end of the program)
+# is stopped here at exit, while the interpreter still runs: a daemon thread caught inside a torch
+# op (GIL released) during interpreter finalisation is ended by pthread_exit, and that unwinding
+# through C++ aborts the process ("terminate called without an active exception").
+_LIVE_PREFETCH: dict[threading.Thread, threading.Event] = {}
+_LIVE_LOCK = threading.Lock()
+
+
+@atexit.register
+def stop_prefetch_threads(timeout: float = 10.0) -> int:
+    """Stop and join every running prefetch thread (at exit; callable any time). Returns how many
+    were still running."""
+    with _LIVE_LOCK:
+        live = list(_LIVE_PREFETCH.items())
+    for _, stop in live:
+        stop.set()
+    live = [(t, e) for t, e in live if t.is_alive()]
+    for thread, _ in live:
+        thread.join(timeout)
+    return len(live)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,12 +378,22 @@ class BatchLoader:
             except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
                 put(_Failure(e))
                 return
+            finally:
+                with _LIVE_LOCK:
+                    _LIVE_PREFETCH.pop(threading.current_thread(), None)
             put(_DONE)
 
         thread = threading.Thread(target=work, name=PREFETCH_THREAD_NAME, daemon=True)
 
         def consume() -> Iterator[Batch]:
-            thread.start()
+            with _LIVE_LOCK:
+                _LIVE_PREFETCH[thread] = stop
+            try:
+                thread.start()
+            except BaseException:
+                with _LIVE_LOCK:
+                    _LIVE_PREFETCH.pop(thread, None)
+                raise
             try:
                 while True:
                     item = q.get()
@@ -435,4 +468,4 @@ def iter_batches(
 
 
 __all__ = ["Batch", "BatchLoader", "split_indices", "split_sizes", "iter_batches", "gather_rows",
-           "PREFETCH_THREAD_NAME"]
+           "PREFETCH_THREAD_NAME", "stop_prefetch_threads"]
