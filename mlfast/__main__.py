@@ -1,6 +1,4 @@
 """``python -m mlfast ...`` (and ``torchrun ... -m mlfast train ...``): the ``mlfast`` command."""
-import sys
+from mlfast.cli import run
 
-from mlfast.cli import main
-
-sys.exit(main())
+run()

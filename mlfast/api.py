@@ -227,14 +227,11 @@ class Session:
         ebs = max(self.batch_size, EVAL_BATCH_SIZE)
         sp = prep.splits
         ids_dtype = torch.int32 if self.schema.table_rows < 2**31 else torch.int64
+        common = {"device": self.device, "use_dense": cfg.use_dense, "ids_dtype": ids_dtype}
         self.loaders = {
-            "train": BatchLoader(sp["train"].data, self.batch_size, indices=sp["train"].indices, shuffle=True,
-                                 seed=cfg.seed, device=self.device, use_dense=cfg.use_dense, min_last=2,
-                                 ids_dtype=ids_dtype),
-            "valid": BatchLoader(sp["valid"].data, ebs, indices=sp["valid"].indices, device=self.device,
-                                 use_dense=cfg.use_dense, ids_dtype=ids_dtype),
-            "test": BatchLoader(sp["test"].data, ebs, indices=sp["test"].indices, device=self.device,
-                                use_dense=cfg.use_dense, ids_dtype=ids_dtype) if sp["test"] else None,
+            "train": sp["train"].loader(self.batch_size, shuffle=True, seed=cfg.seed, min_last=2, **common),
+            "valid": sp["valid"].loader(ebs, **common),
+            "test": sp["test"].loader(ebs, **common) if sp["test"] else None,
         }
         dropped = n_train % self.batch_size == 1
         if dropped:

@@ -11,6 +11,7 @@ SIGINT (Ctrl-C) and 143 by SIGTERM, after saving the state (continue with --resu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -134,7 +135,8 @@ def _reader_options(a: argparse.Namespace) -> dict:
         return reader_options(format=fmt, hash_buckets=buckets, hash_seed=a.hash_seed,
                               int_buckets=not a.no_int_buckets, on_bad_line=a.on_bad_line,
                               cache=not a.no_cache, num_threads=a.reader_threads, schema=schema,
-                              min_count=a.min_count)
+                              min_count=a.min_count, stream=getattr(a, "stream", False) or None,
+                              window_rows=getattr(a, "window_rows", None))
     except ValueError as exc:
         raise UsageError(str(exc))
 
@@ -142,7 +144,8 @@ def _reader_options(a: argparse.Namespace) -> dict:
 # Reader settings as the run stores them, and the flags that set them (for --resume checks).
 _READER_FLAGS = {"format": "format", "hash_buckets": "hash_buckets", "hash_seed": "hash_seed",
                  "int_buckets": "no_int_buckets", "on_bad_line": "on_bad_line", "cache": "no_cache",
-                 "num_threads": "reader_threads", "min_count": "min_count",
+                 "num_threads": "reader_threads", "min_count": "min_count", "stream": "stream",
+                 "window_rows": "window_rows",
                  "schema": ("label", "categorical", "numeric", "sequence", "sequence_separator", "sequence_max_len",
                             "delimiter", "no_header", "quote", "no_quote")}
 
@@ -234,6 +237,14 @@ def _add_train_args(p: argparse.ArgumentParser, default_peers: str = "deepfm,dcn
                    help="messages shown on the terminal (train.log in the run directory keeps info and above)")
     o.add_argument("--tensorboard", action="store_true",
                    help="also write TensorBoard scalars to <run>/tensorboard (needs the tensorboard package)")
+    s = p.add_argument_group("data larger than memory")
+    s.add_argument("--stream", action="store_true",
+                   help="train from the cache files on disk instead of memory: blocks of rows read a window at a "
+                        "time, shuffled by block and within each window, memory bounded whatever the data size "
+                        "(text logs; DATA may be a directory or glob of files, e.g. Criteo 1TB's day files; an 8:1:1 "
+                        "split of DATA is then by blocks of rows)")
+    s.add_argument("--window-rows", type=int, default=None, metavar="N",
+                   help="--stream: rows read and shuffled together (default 262144, about 100 MB of Criteo)")
     _add_reader_args(p)
 
 
@@ -768,5 +779,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
 
 
+def run() -> None:
+    """The ``mlfast`` command (and ``python -m mlfast``): :func:`main`, then exit with its status.
+
+    A rank of a torchrun job leaves without finalising the interpreter: once main has returned (its
+    files written, its process groups destroyed), the exit handlers run and the process ends with
+    ``os._exit``. Finalising would race with gloo's worker threads, which may still be releasing the
+    last collective's tensors: such a release needs the GIL, a finalising interpreter ends the
+    thread instead (``pthread_exit`` through C++ frames), and the rank aborted ("terminate called
+    without an active exception", SIGABRT) in about 1 of 20 two-process runs on a loaded 2-core
+    machine (gdb on the core: ``ProcessGroupGloo::runLoop`` -> ``~AsyncAllgatherWork`` ->
+    ``decref_pyobject`` -> ``take_gil`` -> ``pthread_exit``, during ``Py_FinalizeEx``)."""
+    code = main()
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
+        import atexit
+
+        atexit._run_exitfuncs()  # logging's flush, the process groups, prefetch threads, ...
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

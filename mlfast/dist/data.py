@@ -8,11 +8,12 @@ its shard's rows of each batch and says where they sit (`ShardBatch`: ``offset``
 ``len()`` is the global number of batches, the same on every rank, so the ranks' loops stay in step
 (a shard may get no rows of a tiny last batch; it still takes part in the step).
 
-What a streaming source (data larger than memory) needs to replace it: the same global batch order
-(a permutation or shuffle buffer seeded by (seed, epoch), identical on every rank), ``len()`` the
-same everywhere, ``epoch(e, start_batch=k)`` that skips to batch k without reading what it skips
-(exact resume), and per batch only the rows [lo, hi) of the data shard (decode only those, or let
-each rank read its own byte ranges of the batch's chunk).
+Streamed data (``--stream``, :class:`mlfast.io.stream.StreamLoader`): `ShardedStreamLoader` runs
+the same seeded window order on every rank and keeps each global batch's rows [lo, hi). Every rank
+reads every window (memory stays bounded by two windows; on one node the page cache serves the
+ranks' reads of the same blocks once from disk); reading only a shard's rows would need each batch's
+rows to be spread over fewer blocks than the shuffle spreads them.
+`shard_loader` picks the right one for a loader.
 """
 from __future__ import annotations
 
@@ -62,6 +63,10 @@ class ShardedBatchLoader(BatchLoader):
         lo, hi = shard_bounds(n, self.shard, self.shards)
         return lo, hi, n
 
+    @property
+    def num_rows(self) -> int:
+        return len(self.indices)
+
     def _produce(self, order: np.ndarray, start_batch: int, stop):
         cuda = self.device.type == "cuda"
         copy_stream = torch.cuda.Stream(self.device) if cuda else None
@@ -83,3 +88,44 @@ class ShardedBatchLoader(BatchLoader):
                 done = torch.cuda.Event()
                 done.record(copy_stream)
             yield batch, done
+
+
+class ShardedStreamLoader:
+    """A :class:`mlfast.io.stream.StreamLoader`'s global batches, each cut to data shard ``shard``
+    of ``shards`` (`ShardBatch`), with its ``len`` and exact ``epoch(e, start_batch)``."""
+
+    def __init__(self, loader, shard: int, shards: int):
+        if not 0 <= shard < shards:
+            raise ValueError(f"shard {shard} of {shards}")
+        self.loader, self.shard, self.shards = loader, int(shard), int(shards)
+        self.batch_size = loader.batch_size
+        self.data = loader.data
+
+    @property
+    def num_rows(self) -> int:
+        return self.loader.rows
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def epoch(self, epoch: int, start_batch: int = 0):
+        def cut(t, lo, hi):
+            return None if t is None else t[lo:hi]
+
+        def shards():
+            for b in self.loader.epoch(epoch, start_batch):
+                n = len(b)
+                lo, hi = shard_bounds(n, self.shard, self.shards)
+                yield ShardBatch(cut(b.sparse, lo, hi), cut(b.dense, lo, hi), cut(b.labels, lo, hi), b.index[lo:hi],
+                                 (), n, lo)
+
+        return shards()
+
+
+def shard_loader(loader, shard: int, shards: int):
+    """``loader`` cut to data shard ``shard`` of ``shards`` (in memory or streamed)."""
+    from mlfast.io.stream import StreamLoader
+
+    if isinstance(loader, StreamLoader):
+        return ShardedStreamLoader(loader, shard, shards)
+    return ShardedBatchLoader(loader, shard, shards)

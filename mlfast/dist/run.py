@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from mlfast.api import MODEL_FILE, FitResult, Predictor, Session, _finished, _train, plan_run
 from mlfast.dist.comm import Comm, CommStats
-from mlfast.dist.data import ShardedBatchLoader
+from mlfast.dist.data import shard_loader
 from mlfast.dist.launch import (DistContext, configure_rank_logging, init_process_group, launched_by_torchrun,
                                 restart_count, run_with_torchrun, shutdown_process_group)
 from mlfast.dist.topology import Topology
@@ -45,7 +45,7 @@ class DistSession(Session):
         self.ctx = ctx
         topo = ctx.topology
         if topo.shards > 1:
-            self.loaders["train"] = ShardedBatchLoader(self.loaders["train"], topo.shard, topo.shards)
+            self.loaders["train"] = shard_loader(self.loaders["train"], topo.shard, topo.shards)
 
     def train_group(self, specs, out, *, cfg: TrainConfig | None = None, init_states=None, lr: float | None = None,
                     resume: bool = False, evaluate_first: bool = False):

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from mlfast.dist import checkpoint as dckpt
-from mlfast.dist.data import ShardedBatchLoader
+from mlfast.dist.data import ShardedBatchLoader, ShardedStreamLoader, shard_loader
 from mlfast.dist.engine import DistEngine
 from mlfast.dist.launch import DistContext, align_numba_threads, restart_count
 from mlfast.models import FeatureSchema, PeerSpec
@@ -103,8 +103,8 @@ class DistTrainer(MutualTrainer):
     def fit(self, train, valid=None, out_dir=None, resume: bool = False, extra_state: dict | None = None,
             evaluate_first: bool = False) -> dict[str, Any]:
         topo = self.ctx.topology
-        if topo.shards > 1 and not isinstance(train, ShardedBatchLoader):
-            train = ShardedBatchLoader(train, topo.shard, topo.shards)
+        if topo.shards > 1 and not isinstance(train, (ShardedBatchLoader, ShardedStreamLoader)):
+            train = shard_loader(train, topo.shard, topo.shards)
         summary = super().fit(train, valid, out_dir, resume, extra_state, evaluate_first)
         summary["distributed"] = {**topo.to_dict(), "backend": self.ctx.backend,
                                   "bytes_sent_per_step": self.bytes_per_step()}
@@ -120,7 +120,7 @@ class DistTrainer(MutualTrainer):
     @torch.no_grad()
     def predict(self, loader, epoch: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
         topo = self.ctx.topology
-        sharded = ShardedBatchLoader(loader, topo.shard, topo.shards) if topo.shards > 1 else loader
+        sharded = shard_loader(loader, topo.shard, topo.shards) if topo.shards > 1 else loader
         was = self.group.training
         self.group.train(False)
         probs, labels = [], []
@@ -290,7 +290,8 @@ def sharded_counts(loader, shard: int, shards: int, k: int) -> int:
     """Rows of batch ``k`` of ``loader`` that data shard ``shard`` takes."""
     from mlfast.dist.topology import shard_bounds
 
-    n = min(loader.batch_size, len(loader.indices) - k * loader.batch_size)
+    rows = loader.rows if hasattr(loader, "rows") else len(loader.indices)  # streamed / in memory
+    n = min(loader.batch_size, rows - k * loader.batch_size)
     lo, hi = shard_bounds(n, shard, shards)
     return hi - lo
 

@@ -36,7 +36,7 @@ import queue
 import threading
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numba as nb
 import numpy as np
@@ -356,57 +356,66 @@ class BatchLoader:
         return batch
 
     def _threaded(self, order: np.ndarray, start_batch: int) -> Iterator[Batch]:
-        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        stop = threading.Event()
+        cuda = self.device if self.device.type == "cuda" else None
+        return background(lambda stop: self._produce(order, start_batch, stop), self.prefetch, self._finish, cuda)
 
-        def put(item) -> bool:
-            while not stop.is_set():
-                try:
-                    q.put(item, timeout=0.05)
-                    return True
-                except queue.Full:
-                    pass
-            return False
 
-        def work() -> None:
+def background(produce: Callable[[threading.Event], Iterator[Any]], depth: int,
+               finish: Callable[[Any], Any] = lambda x: x, cuda_device: torch.device | None = None) -> Iterator[Any]:
+    """``finish(item)`` for each item of ``produce(stop)``, which runs in a background thread up to
+    ``depth`` items ahead (a bounded queue). An exception in the thread is raised here; the thread
+    stops (``stop`` set, then joined) as soon as the consumer stops iterating, or at exit."""
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
             try:
-                if self.device.type == "cuda":
-                    torch.cuda.set_device(self.device)
-                for item in self._produce(order, start_batch, stop):
-                    if not put(item):
-                        return
-            except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
-                put(_Failure(e))
-                return
-            finally:
-                with _LIVE_LOCK:
-                    _LIVE_PREFETCH.pop(threading.current_thread(), None)
-            put(_DONE)
+                q.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                pass
+        return False
 
-        thread = threading.Thread(target=work, name=PREFETCH_THREAD_NAME, daemon=True)
-
-        def consume() -> Iterator[Batch]:
+    def work() -> None:
+        try:
+            if cuda_device is not None:
+                torch.cuda.set_device(cuda_device)
+            for item in produce(stop):
+                if not put(item):
+                    return
+        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
+            put(_Failure(e))
+            return
+        finally:
             with _LIVE_LOCK:
-                _LIVE_PREFETCH[thread] = stop
-            try:
-                thread.start()
-            except BaseException:
-                with _LIVE_LOCK:
-                    _LIVE_PREFETCH.pop(thread, None)
-                raise
-            try:
-                while True:
-                    item = q.get()
-                    if item is _DONE:
-                        return
-                    if isinstance(item, _Failure):
-                        raise item.exc
-                    yield self._finish(item)
-            finally:
-                stop.set()
-                thread.join()
+                _LIVE_PREFETCH.pop(threading.current_thread(), None)
+        put(_DONE)
 
-        return consume()
+    thread = threading.Thread(target=work, name=PREFETCH_THREAD_NAME, daemon=True)
+
+    def consume() -> Iterator[Any]:
+        with _LIVE_LOCK:
+            _LIVE_PREFETCH[thread] = stop
+        try:
+            thread.start()
+        except BaseException:
+            with _LIVE_LOCK:
+                _LIVE_PREFETCH.pop(thread, None)
+            raise
+        try:
+            while True:
+                item = q.get()
+                if item is _DONE:
+                    return
+                if isinstance(item, _Failure):
+                    raise item.exc
+                yield finish(item)
+        finally:
+            stop.set()
+            thread.join()
+
+    return consume()
 
 
 class _PinnedRing:
@@ -468,4 +477,4 @@ def iter_batches(
 
 
 __all__ = ["Batch", "BatchLoader", "split_indices", "split_sizes", "iter_batches", "gather_rows",
-           "PREFETCH_THREAD_NAME", "stop_prefetch_threads"]
+           "PREFETCH_THREAD_NAME", "stop_prefetch_threads", "background"]

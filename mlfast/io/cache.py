@@ -59,7 +59,7 @@ FINGERPRINT_BLOCKS = 8
 FINGERPRINT_BYTES = 64 << 10
 MANIFEST = "manifest.json"
 
-__all__ = ["default_cache_dir", "cached_read", "ctr_columns", "entry_path", "source_identity", "fingerprint",
+__all__ = ["default_cache_dir", "cached_read", "DiskColumn", "ctr_columns", "entry_path", "source_identity", "fingerprint",
            "clear_cache", "CacheInvalid"]
 
 
@@ -69,6 +69,65 @@ class CacheInvalid(Exception):
 
 class _WriteFailed(Exception):
     """Writing the cache failed (disk full, permissions): fall back to reading without it."""
+
+
+class DiskColumn:
+    """One verified column file of a cache entry, read by row ranges (``pread``), never mapped:
+    what streaming reads (``mlfast.io.stream``), so memory holds only the rows asked for.
+
+    The file is opened once, through the descriptor the load checked (a file swapped in after the
+    check is never read)."""
+
+    def __init__(self, f: Any, dtype: np.dtype, shape: tuple[int, ...], name: str = "?"):
+        self._f = f
+        self.dtype = np.dtype(dtype)
+        self.shape = tuple(shape)
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        self.name = name
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def read_into(self, start: int, out: np.ndarray) -> None:
+        """Rows ``start .. start + len(out)`` into ``out`` (C-contiguous, this column's dtype)."""
+        n = len(out)
+        if not 0 <= start <= start + n <= self.shape[0]:
+            raise IndexError(f"{self.name}: rows [{start}, {start + n}) outside [0, {self.shape[0]})")
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        want, got = n * self.row_bytes, 0
+        while got < want:
+            r = os.preadv(self._f.fileno(), [view[got:]], start * self.row_bytes + got)
+            if r <= 0:
+                raise OSError(f"{self.name}: the cache file ended at byte {start * self.row_bytes + got} "
+                              f"(truncated after it was verified?)")
+            got += r
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        out = np.empty((stop - start,) + self.shape[1:], self.dtype)
+        self.read_into(start, out)
+        return out
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __del__(self) -> None:
+        f = getattr(self, "_f", None)
+        if f is not None:
+            f.close()
+
+
+def _file_checksum(f: Any, nbytes: int, num_threads: int, name: str, chunk: int = 64 << 20) -> int:
+    """The checksum of a file's first ``nbytes``, read in chunks (the file is never mapped)."""
+    c = _native.Checksum()
+    buf = np.empty(min(chunk, max(nbytes, 1)), np.uint8)
+    done = 0
+    while done < nbytes:
+        n = os.preadv(f.fileno(), [memoryview(buf)[:min(len(buf), nbytes - done)]], done)
+        if n <= 0:
+            raise CacheInvalid(f"{name} ended at byte {done} of {nbytes}")
+        c.update(buf[:n], num_threads)
+        done += n
+    return c.digest()
 
 
 def default_cache_dir() -> Path:
@@ -185,7 +244,7 @@ def _empty_digest() -> int:
 
 
 def _load(entry: Path, source: str, config: dict[str, Any], columns: dict[str, tuple[np.dtype, int | None]],
-          num_threads: int, verify: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+          num_threads: int, verify: bool = True, mapped: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
     if not (entry / MANIFEST).exists() and not (entry / MANIFEST).is_symlink():
         raise CacheInvalid("incomplete entry (no manifest)")
     try:
@@ -228,24 +287,35 @@ def _load(entry: Path, source: str, config: dict[str, Any], columns: dict[str, t
                 raise CacheInvalid(f"{name}: {col['dtype']} {col['shape']}, expected {dtype.str} {list(shape)}")
             nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
             path = entry / col["file"]
-            with _open_regular(path) as f:  # mapped through this descriptor: no swap after the check
+            f = _open_regular(path)  # mapped / read through this descriptor: no swap after the check
+            try:
                 size = os.fstat(f.fileno()).st_size
                 if size != nbytes or col["nbytes"] != nbytes:
                     raise CacheInvalid(f"{col['file']} has {size} bytes, expected {nbytes} (truncated or corrupt)")
-                # Copy-on-write mapping: writable like a parsed array, and writes never reach the file.
-                arr = np.memmap(f, dtype=dtype, mode="c", shape=shape) if nbytes else np.zeros(shape, dtype)
-            if verify:
-                digest = _native.checksum(arr, num_threads) if nbytes else _empty_digest()
-                if f"{digest:016x}" != col["checksum"]:
-                    raise CacheInvalid(f"checksum mismatch in {col['file']} (corrupt)")
+                if mapped:
+                    # Copy-on-write mapping: writable like a parsed array, and writes never reach the file.
+                    arr = np.memmap(f, dtype=dtype, mode="c", shape=shape) if nbytes else np.zeros(shape, dtype)
+                    digest = (_native.checksum(arr, num_threads) if nbytes else _empty_digest()) if verify else None
+                else:
+                    arr = DiskColumn(f, dtype, shape, str(path))
+                    digest = _file_checksum(f, nbytes, num_threads, col["file"]) if verify else None
+            except BaseException:
+                f.close()
+                raise
+            if mapped:
+                f.close()
+            if digest is not None and f"{digest:016x}" != col["checksum"]:
+                if not mapped:
+                    f.close()
+                raise CacheInvalid(f"checksum mismatch in {col['file']} (corrupt)")
             arrays[name] = arr
-        if "bag_lengths" in arrays:  # each bag's ids must be exactly what its row lengths add up to
+        if mapped and "bag_lengths" in arrays:  # each bag's ids must be exactly what its row lengths add up to
             totals = np.asarray(arrays["bag_lengths"]).sum(0)
             for s, total in enumerate(totals):
                 if int(total) != len(arrays[f"bag_values_{s}"]):
                     raise CacheInvalid(f"bag_values_{s}.bin holds {len(arrays[f'bag_values_{s}'])} ids, "
                                        f"bag_lengths say {int(total)}")
-        if "id_lengths" in arrays:  # likewise the id column's bytes
+        if mapped and "id_lengths" in arrays:  # likewise the id column's bytes
             total = int(np.asarray(arrays["id_lengths"]).sum())
             if total != len(arrays["id_data"]):
                 raise CacheInvalid(f"id_data.bin holds {len(arrays['id_data'])} bytes, id_lengths say {total}")
@@ -381,13 +451,15 @@ def _build(root: Path, entry: Path, source: str, config: dict[str, Any],
 
 def cached_read(source: str, config: dict[str, Any], chunks: Callable[[], Iterator[dict[str, Any]]],
                 columns: dict[str, tuple[np.dtype, int | None]], *, cache_dir: str | os.PathLike | None = None,
-                num_threads: int = 1) -> tuple[dict[str, Any], dict[str, Any]] | None:
+                num_threads: int = 1, mapped: bool = True) -> tuple[dict[str, Any], dict[str, Any]] | None:
     """Columns of ``source`` parsed under ``config``, from the cache or built into it.
 
     ``chunks()`` parses the source and yields dicts holding the ``columns`` arrays plus
     ``skipped`` and ``end_line``. Returns (arrays + ``skipped`` + ``line_count``, info) where info is
     ``{"status": "hit" | "miss" | "rebuilt", "path": entry}``, or None when no entry can be written
-    (the caller then reads without the cache).
+    (the caller then reads without the cache). ``mapped=False``: each column is a
+    :class:`DiskColumn` (read by row ranges, never mapped) instead of a memory map; the checksums
+    are then verified by reading the files in chunks.
 
     Example::
 
@@ -407,7 +479,7 @@ def cached_read(source: str, config: dict[str, Any], chunks: Callable[[], Iterat
     status = "miss"
     if entry.exists():
         try:
-            arrays, _ = _load(entry, source, config, columns, num_threads)
+            arrays, _ = _load(entry, source, config, columns, num_threads, mapped=mapped)
             return arrays, {"status": "hit", "path": str(entry)}
         except CacheInvalid as e:
             warnings.warn(f"mlfast cache entry {entry} for {source}: {e}; rebuilding it", stacklevel=3)
@@ -422,7 +494,7 @@ def cached_read(source: str, config: dict[str, Any], chunks: Callable[[], Iterat
     try:
         # Map what was just written. Its checksums were computed from the arrays as they were
         # written; reading it all back to check them again would double the cost of a miss.
-        arrays, _ = _load(entry, source, config, columns, num_threads, verify=False)
+        arrays, _ = _load(entry, source, config, columns, num_threads, verify=False, mapped=mapped)
     except CacheInvalid as e:
         warnings.warn(f"mlfast cache entry {entry} failed verification right after writing: {e}", stacklevel=3)
         return None

@@ -26,7 +26,11 @@ READER_DEFAULTS: dict[str, Any] = {
     "num_threads": None,
     "schema": None,  # a DelimitedSchema (as a dict) for generic delimited logs
     "min_count": None,  # vocabulary mode (FuxiCTR/BARS): values seen < min_count times -> OOV
+    "stream": False,  # train from the cache files on disk, block-shuffled (mlfast.io.stream)
+    "window_rows": None,  # stream: rows read and shuffled together (None: mlfast.io.stream's default)
 }
+# How a run feeds its rows, not how a file is parsed: never passed to the reader.
+_NOT_PARSING = ("schema", "min_count", "stream", "window_rows")
 
 
 def reader_options(**overrides: Any) -> dict[str, Any]:
@@ -37,6 +41,11 @@ def reader_options(**overrides: Any) -> dict[str, Any]:
     opts = {**READER_DEFAULTS, **{k: v for k, v in overrides.items() if v is not None}}
     if opts["min_count"] is not None and int(opts["min_count"]) < 1:
         raise ValueError(f"min_count={opts['min_count']!r}: expected an integer >= 1")
+    if opts["window_rows"] is not None and int(opts["window_rows"]) < 1:
+        raise ValueError(f"window_rows={opts['window_rows']!r}: expected an integer >= 1")
+    if opts["stream"] and opts["min_count"] is not None:
+        raise ValueError("stream=True (--stream) with min_count (--min-count): vocabulary mode counts every value in "
+                         "memory; streaming from disk uses hashing (leave --min-count out)")
     if opts["schema"] is not None and not isinstance(opts["schema"], dict):
         opts["schema"] = dataclasses.asdict(opts["schema"])
     return opts
@@ -47,7 +56,7 @@ def read_file(path: str | Path, options: dict[str, Any], keys: bool = False) -> 
     Other reader arguments in ``options`` pass through (``id_column``: see :func:`mlfast.io.reader.read`)."""
     from mlfast.io.reader import DelimitedSchema, read
 
-    kw = {k: v for k, v in options.items() if k not in ("schema", "min_count")}
+    kw = {k: v for k, v in options.items() if k not in _NOT_PARSING}
     if options.get("schema") is not None:
         kw["format"] = "delimited"
         # A run stored before quoting existed has no "quote": it read quotes as plain bytes.
@@ -73,24 +82,49 @@ class Split:
     def __len__(self) -> int:
         return len(self.data) if self.indices is None else len(self.indices)
 
-    def loader(self, batch_size: int, *, shuffle: bool = False, seed: int = 0, device=None,
-               use_dense: bool = False) -> BatchLoader:
-        return BatchLoader(self.data, batch_size, indices=self.indices, shuffle=shuffle, seed=seed,
-                           device=device, use_dense=use_dense)
+    def loader(self, batch_size: int, *, shuffle: bool = False, seed: int = 0, **kw: Any) -> BatchLoader:
+        """Its batches (``kw``: :class:`BatchLoader` options)."""
+        return BatchLoader(self.data, batch_size, indices=self.indices, shuffle=shuffle, seed=seed, **kw)
+
+
+@dataclass
+class StreamSplit:
+    """The blocks of one split of a dataset streamed from disk (None = all blocks)."""
+
+    data: Any  # mlfast.io.stream.DiskDataset
+    blocks: np.ndarray | None = None
+    window_rows: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.data) if self.blocks is None else int(self.data.block_lengths[self.blocks].sum())
+
+    def loader(self, batch_size: int, *, shuffle: bool = False, seed: int = 0, **kw: Any):
+        """Its batches (``kw``: :class:`mlfast.io.stream.StreamLoader` options; ``prefetch`` counts windows)."""
+        from mlfast.io.stream import DEFAULT_WINDOW_ROWS, StreamLoader
+
+        kw.pop("prefetch", None)
+        return StreamLoader(self.data, self.blocks, batch_size, shuffle=shuffle, seed=seed,
+                            window_rows=self.window_rows or DEFAULT_WINDOW_ROWS, **kw)
 
 
 @dataclass
 class Prepared:
     """Train / valid / test splits in the embedding layout, and how they were made."""
 
-    splits: dict[str, Split | None]
+    splits: dict[str, Any]  # name -> Split | StreamSplit | None
     reader: dict[str, Any]
     vocab: Any = None  # mlfast.io.vocab.Vocabulary in vocabulary mode
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def train_data(self) -> CTRData:
-        return self.splits["train"].data
+        """The training rows (streamed: a zero-row CTRData with their field layout)."""
+        d = self.splits["train"].data
+        return d if isinstance(d, CTRData) else d.header
+
+    @property
+    def streamed(self) -> bool:
+        return isinstance(self.splits["train"], StreamSplit)
 
 
 def prepare_data(train: str | Path | CTRData, valid=None, test=None, *, reader: dict[str, Any] | None = None,
@@ -106,6 +140,8 @@ def prepare_data(train: str | Path | CTRData, valid=None, test=None, *, reader: 
     if test is not None and valid is None:
         raise ValueError("a test file without a validation file: give a validation file too, or neither "
                          "(then the training file is split 8:1:1)")
+    if ropts["stream"]:
+        return _prepare_streamed(train, valid, test, ropts, split_seed)
 
     def load(x, what):
         if x is None:
@@ -153,6 +189,48 @@ def prepare_data(train: str | Path | CTRData, valid=None, test=None, *, reader: 
     return Prepared(splits, ropts, vocab, info)
 
 
+def _prepare_streamed(train, valid, test, ropts: dict[str, Any], split_seed: int) -> Prepared:
+    """``prepare_data`` with ``stream=True``: datasets on disk (mlfast.io.stream), split by blocks."""
+    from mlfast.io.stream import open_dataset, split_blocks
+
+    t0 = time.perf_counter()
+    opts = {k: v for k, v in ropts.items() if k not in _NOT_PARSING or k == "schema"}
+
+    def load(x, what):
+        if x is None:
+            return None
+        if isinstance(x, CTRData):
+            raise ValueError(f"{what}: streaming (stream=True) reads files from disk; data in memory trains "
+                             "without it")
+        ds = open_dataset(x, opts)
+        if ds.labels is None:
+            raise ValueError(f"{what} ({ds.source}) has no labels (test format): it cannot be used to train or "
+                             "evaluate")
+        return ds
+
+    tr, va, te = load(train, "training data"), load(valid, "validation data"), load(test, "test data")
+    for what, d in (("validation data", va), ("test data", te)):
+        if d is not None:
+            _check_same_layout(tr.header, d.header, what)
+    win = ropts["window_rows"]
+    if va is None:
+        b_tr, b_va, b_te = split_blocks(tr, SPLIT_RATIOS, split_seed)
+        splits = {"train": StreamSplit(tr, b_tr, win), "valid": StreamSplit(tr, b_va, win),
+                  "test": StreamSplit(tr, b_te, win)}
+    else:
+        splits = {"train": StreamSplit(tr, None, win), "valid": StreamSplit(va, None, win),
+                  "test": StreamSplit(te, None, win) if te is not None else None}
+    check_split_sizes(splits, len(tr) if valid is None else None, tr.source)
+    info = {
+        "train": tr.source, "valid": va.source if va is not None else None, "test": te.source if te is not None else None,
+        "split": None if valid is not None else {"ratios": list(SPLIT_RATIOS), "seed": split_seed, "by": "blocks"},
+        "rows": {k: len(v) for k, v in splits.items() if v is not None},
+        "skipped": dict(tr.skipped), "read_seconds": time.perf_counter() - t0,
+        "stream": {"files": tr.files, "block_rows": tr.block_rows, "blocks": tr.num_blocks, "window_rows": win},
+    }
+    return Prepared(splits, ropts, None, info)
+
+
 def check_ids_in_range(data: CTRData, what: str = "data") -> None:
     """ValueError unless every id of ``data`` lies in its own field's rows (``field_offsets``).
 
@@ -177,7 +255,7 @@ def check_ids_in_range(data: CTRData, what: str = "data") -> None:
 MIN_TRAIN_ROWS = 2  # BatchNorm needs two samples in a training batch
 
 
-def check_split_sizes(splits: dict[str, Split | None], split_from: int | None, source: str) -> None:
+def check_split_sizes(splits: dict[str, Any], split_from: int | None, source: str) -> None:
     """ValueError saying what is needed when a split is too small to train or evaluate on.
     ``split_from``: the row count of the one file that was split 8:1:1 (None: separate files)."""
     need = {"train": MIN_TRAIN_ROWS, "valid": 1, "test": 1}

@@ -57,6 +57,7 @@ Example::
 """
 from __future__ import annotations
 
+import contextvars
 import errno
 import os
 import warnings
@@ -72,6 +73,7 @@ from mlfast.io import hashing
 from mlfast.io.data import BagField, CTRData, TextColumn
 
 __all__ = [
+    "read_on_disk",
     "ParseError",
     "CorruptInputError",
     "DelimitedSchema",
@@ -700,8 +702,59 @@ def _iter_native(path: str, layout: _Layout, num_threads: int, chunk_bytes: int)
         del chunk
 
 
+# Set by read_on_disk for the duration of one read(): _read then returns the cache's columns unmapped.
+_ON_DISK: contextvars.ContextVar[bool] = contextvars.ContextVar("mlfast_read_on_disk", default=False)
+
+
+def read_on_disk(path: str | os.PathLike, format: str = "auto",
+                 **kw: Any) -> tuple[CTRData, dict[str, _cache.DiskColumn], int]:
+    """Parse a text log into the cache (or find it there) without loading it: returns (a zero-row
+    ``CTRData`` carrying the field layout, names, meta and skip counts; the cache's columns as
+    :class:`mlfast.io.cache.DiskColumn`, read by row ranges; the row count). Takes :func:`read`'s
+    arguments. This is what streaming (``mlfast.io.stream``) reads data larger than memory from.
+
+    Refused: Parquet / Arrow input (read into memory), ``cache=False``, ``keys=True`` (vocabulary
+    mode counts every value in memory), bag (sequence) fields and ``id_column`` (ragged columns).
+    """
+    token = _ON_DISK.set(True)
+    try:
+        got = read(path, format, **kw)
+    finally:
+        _ON_DISK.reset(token)
+    if isinstance(got, CTRData):
+        raise ValueError(f"{os.fspath(path)}: Parquet / Arrow input is read into memory; streaming from disk "
+                         "reads text logs (Criteo, Avazu, delimited) through the cache")
+    return got
+
+
+def _read_on_disk(path: str, layout: _Layout, threads: int, cache: bool, cache_dir, chunk_bytes: int):
+    why = ("cache=False (streaming reads the cache's column files)" if not cache else
+           "vocabulary mode (keys=True / --min-count) counts every value in memory" if layout.config["keys"] else
+           "bag (sequence) fields are ragged columns" if layout.spec["num_bags"] else
+           "an id column is a ragged column" if layout.id_name is not None else None)
+    if why is not None:
+        raise ValueError(f"{path}: cannot stream this input from disk: {why}")
+    columns = _cache.ctr_columns(layout.spec["has_label"], len(layout.dense_names), len(layout.field_names), 0)
+    result = _cache.cached_read(path, layout.config, lambda: _iter_native(path, layout, threads, chunk_bytes),
+                                columns, cache_dir=cache_dir, num_threads=threads, mapped=False)
+    if result is None:
+        raise ValueError(f"{path}: streaming reads the cache, and no cache entry could be written or verified "
+                         f"(see the warning above; MLFAST_CACHE_DIR chooses where the cache lives)")
+    cols, info = result
+    rows = len(cols["sparse"])
+    _warn_if_all_bad(path, rows, cols["skipped"])
+    empty = {name: np.empty((0,) + c.shape[1:], c.dtype) for name, c in cols.items()
+             if isinstance(c, _cache.DiskColumn)}
+    empty.setdefault("labels", None)
+    empty["skipped"] = cols["skipped"]
+    header = _to_data(empty, layout, path, _meta(layout, threads, cache=info, lines=cols["line_count"]))
+    return header, {k: v for k, v in cols.items() if isinstance(v, _cache.DiskColumn)}, rows
+
+
 def _read(path: str, layout: _Layout, num_threads: int | None, cache: bool, cache_dir, chunk_bytes: int) -> CTRData:
     threads = _threads(num_threads)
+    if _ON_DISK.get():
+        return _read_on_disk(path, layout, threads, cache, cache_dir, chunk_bytes)
     if cache:
         nb = layout.spec["num_bags"]
         # An id column is cached with the features, in an entry of its own (its configuration names
