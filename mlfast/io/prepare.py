@@ -186,6 +186,7 @@ def prepare_data(train: str | Path | CTRData, valid=None, test=None, *, reader: 
         "rows": {k: len(v) for k, v in splits.items() if v is not None},
         "skipped": dict(tr.skipped), "read_seconds": time.perf_counter() - t0,
     }
+    _release_reader_pool()
     return Prepared(splits, ropts, vocab, info)
 
 
@@ -228,7 +229,17 @@ def _prepare_streamed(train, valid, test, ropts: dict[str, Any], split_seed: int
         "skipped": dict(tr.skipped), "read_seconds": time.perf_counter() - t0,
         "stream": {"files": tr.files, "block_rows": tr.block_rows, "blocks": tr.num_blocks, "window_rows": win},
     }
+    _release_reader_pool()
     return Prepared(splits, ropts, None, info)
+
+
+def _release_reader_pool() -> None:
+    """The reader keeps the buffers of dropped chunks for later reads (up to 1 GiB); a run reads its
+    files once, so that memory goes back to the system (measured: the peak address space of a
+    streamed 4.5 M-row run that parsed its file fell from 1666 to 1469 MiB)."""
+    from mlfast.io.reader import release_memory
+
+    release_memory()
 
 
 def check_ids_in_range(data: CTRData, what: str = "data") -> None:
