@@ -31,6 +31,7 @@ from mlfast.dist.sharded_tables import ShardedPeerTables
 from mlfast.io.batches import Batch
 from mlfast.models import FeatureSchema, PeerSpec, build_model
 from mlfast.ops.backends import Backends, select_backends
+from mlfast.ops.dense_adam import FusedAdam
 from mlfast.ops.mutual_loss import fused_mutual_loss
 from mlfast.ops.sparse_optim import SparseOptimConfig
 from mlfast.train.config import TrainConfig
@@ -87,7 +88,7 @@ class DistEngine(EngineBase):
         self.backends = backends
         self.dropouts = convert_for_data_parallel(group, ctx.data) if ctx.data.size > 1 else []
         self.dense_params = list(group.peers.parameters())
-        self.optimizer = torch.optim.Adam(self.dense_params, lr=self.lr, weight_decay=cfg.net_l2, fused=True)
+        self.optimizer = FusedAdam(self.dense_params, lr=self.lr, weight_decay=cfg.net_l2)
         self.exchange_every = int(cfg.exchange_every)
         self.others = [i for i in range(self.num_all) if i not in self.own]
         self.copies: PeerGroup | None = None

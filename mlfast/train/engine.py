@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from mlfast.io.batches import Batch
 from mlfast.models import FeatureSchema, PeerSpec
 from mlfast.ops.backends import Backends, select_backends
+from mlfast.ops.dense_adam import FusedAdam
 from mlfast.ops.mutual_loss import fused_mutual_loss, mutual_loss
 from mlfast.ops.sparse_optim import SparseOptimConfig
 from mlfast.train.config import TrainConfig
@@ -144,8 +145,9 @@ class FusedEngine(EngineBase):
             raise ValueError("FusedEngine trains a group built with kind='fused' and a sparse optimizer")
         self.backends = group.tables.backends
         dense_params = list(group.peers.parameters())
-        # fused Adam runs on the CPU too (torch >= 2.4) and reads a tensor learning rate
-        self.optimizer = torch.optim.Adam(dense_params, lr=self.lr, weight_decay=cfg.net_l2, fused=True)
+        # torch.optim.Adam(fused=True)'s kernel without torch.optim (see mlfast.ops.dense_adam); CPU and CUDA,
+        # a tensor learning rate
+        self.optimizer = FusedAdam(dense_params, lr=self.lr, weight_decay=cfg.net_l2)
 
     def train_step(self, batch: Batch, guard: float | None = None) -> torch.Tensor:
         logits = self.logits(batch)
