@@ -69,6 +69,13 @@ def stop_prefetch_threads(timeout: float = 10.0) -> int:
     return len(live)
 
 
+def num_batches(rows: int, batch_size: int, drop_last: bool = False, min_last: int = 1) -> int:
+    """Batches of an epoch of ``rows``: the full ones, and the last partial one unless ``drop_last``
+    or it holds fewer than ``min_last`` rows."""
+    full, rest = divmod(rows, batch_size)
+    return full + (1 if rest and not drop_last and rest >= min_last else 0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Splits
 # ---------------------------------------------------------------------------------------------
@@ -252,9 +259,7 @@ class BatchLoader:
         self._epoch = 0
 
     def __len__(self) -> int:
-        n = len(self.indices)
-        full, rest = divmod(n, self.batch_size)
-        return full + (1 if rest and not self.drop_last and rest >= self.min_last else 0)
+        return num_batches(len(self.indices), self.batch_size, self.drop_last, self.min_last)
 
     @property
     def _ids_np(self):
@@ -477,4 +482,4 @@ def iter_batches(
 
 
 __all__ = ["Batch", "BatchLoader", "split_indices", "split_sizes", "iter_batches", "gather_rows",
-           "PREFETCH_THREAD_NAME", "stop_prefetch_threads", "background"]
+           "PREFETCH_THREAD_NAME", "stop_prefetch_threads", "background", "num_batches"]

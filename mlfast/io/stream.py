@@ -44,7 +44,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from mlfast.io.batches import Batch, BatchLoader, background, split_sizes
+from mlfast.io.batches import Batch, BatchLoader, background, num_batches, split_sizes
 from mlfast.io.cache import DiskColumn
 from mlfast.io.data import CTRData
 
@@ -232,8 +232,7 @@ class StreamLoader:
         return self.dataset.header
 
     def __len__(self) -> int:
-        full, rest = divmod(self.rows, self.batch_size)
-        return full + (1 if rest and not self.drop_last and rest >= self.min_last else 0)
+        return num_batches(self.rows, self.batch_size, self.drop_last, self.min_last)
 
     def set_epoch(self, epoch: int) -> None:
         self._epoch = int(epoch)
