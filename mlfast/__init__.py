@@ -27,6 +27,7 @@ _EXPORTS = {
     "read_avazu": "io.reader",
     "read_delimited": "io.reader",
     "iter_criteo_chunks": "io.reader",
+    "iter_read": "io.reader",
     "iter_avazu_chunks": "io.reader",
     "iter_delimited_chunks": "io.reader",
     "release_memory": "io.reader",

@@ -13,12 +13,13 @@ Example (runs as is from the repository root)::
 from __future__ import annotations
 
 import json
+import os
 import time
 import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ import torch
 from mlfast.io.batches import BatchLoader
 from mlfast.io.data import CTRData
 from mlfast.io.prepare import (READER_DEFAULTS, Prepared, Split, apply_vocabulary, check_batch_size,
-                               check_ids_in_range, prepare_data, read_file, reader_options)
+                               check_ids_in_range, iter_file, prepare_data, read_file, reader_options)
 from mlfast.models import FeatureSchema, PeerSpec, parse_peers
 from mlfast.report import plot_curves, solo_vs_mutual_rows, write_curves_csv
 from mlfast.train import checkpoint as ckpt
@@ -36,11 +37,15 @@ from mlfast.train.metrics import peer_metrics
 from mlfast.train.trainer import MutualTrainer, predict_group, resolve_device
 
 __all__ = ["fit", "load_run", "FitResult", "Predictor", "RunExists", "ResumeConflict", "RunDirectoryError", "prepare_data", "reader_options", "read_file",
-           "write_predictions_csv", "Split", "Prepared", "READER_DEFAULTS"]
+           "write_predictions_csv", "PredictionCSV", "prediction_keys", "Split", "Prepared", "READER_DEFAULTS"]
 
 log = logging.getLogger("mlfast")
 
 EVAL_BATCH_SIZE = 16384
+# predict / eval read a file in chunks of this much text (or rows of Parquet / Arrow): about 100 MB
+# of Criteo columns in memory per chunk, two chunks at a time (one parsed while the other is scored)
+PREDICT_CHUNK_BYTES = 32 << 20
+PREDICT_BATCH_ROWS = 262_144
 MODEL_FILE = "model.pt"
 RUN_FILES = ("config.json", "last.pt", "best.pt", MODEL_FILE, "metrics.json", "curves.csv", "curves.png",
              "finished.json", "train.log", "vocab.npz")
@@ -116,10 +121,25 @@ class Predictor:
 
     def read(self, path: str | Path, **overrides: Any) -> CTRData:
         """Read a file exactly as the training data was read (same format options, hashing or vocabulary)."""
+        return self._checked(read_file(path, self._read_options(overrides), keys=self.vocab is not None), path)
+
+    def read_chunks(self, path: str | Path, *, chunk_bytes: int = PREDICT_CHUNK_BYTES,
+                    batch_rows: int = PREDICT_BATCH_ROWS, **overrides: Any) -> Iterator[CTRData]:
+        """:meth:`read`'s rows in chunks of about ``chunk_bytes`` of text (``batch_rows`` rows of
+        Parquet / Arrow), never all in memory; concatenated, they are :meth:`read`'s rows and their
+        ``skipped`` counts add up to its."""
+        opts = self._read_options(overrides)
+        for chunk in iter_file(path, opts, keys=self.vocab is not None, chunk_bytes=chunk_bytes,
+                               batch_rows=batch_rows):
+            yield self._checked(chunk, path)
+
+    def _read_options(self, overrides: dict[str, Any]) -> dict[str, Any]:
         opts = {**self.reader, **overrides}
         if "format" not in overrides and opts.get("format") in ("train", "test"):
             opts["format"] = "auto"  # a test-format (unlabelled) file must be accepted too
-        data = read_file(path, opts, keys=self.vocab is not None)
+        return opts
+
+    def _checked(self, data: CTRData, path: str | Path) -> CTRData:
         if self.vocab is not None:
             data = apply_vocabulary(data, self.vocab)
         if tuple(int(x) for x in data.field_offsets) != self.schema.field_offsets:
@@ -128,30 +148,94 @@ class Predictor:
                              f"{self.schema.table_rows})")
         return data
 
+    def predict_chunks(self, path: str | Path, batch_size: int = EVAL_BATCH_SIZE, **read_options: Any
+                       ) -> Iterator[tuple[CTRData, np.ndarray]]:
+        """(chunk, probabilities [n, P]) for each of :meth:`read_chunks`' chunks (``read_options``
+        go there), the next chunk parsed in a background thread while this one is scored: a file
+        of any size in the memory of two chunks."""
+        from mlfast.io.batches import background
+
+        def produce(stop):
+            for chunk in self.read_chunks(path, **read_options):
+                if stop.is_set():
+                    return
+                yield chunk
+
+        empty = np.zeros((0, len(self.labels)), np.float32)
+        for chunk in background(produce, 1):
+            yield chunk, (self.predict_proba(chunk, batch_size) if len(chunk) else empty)
+
     def predict_proba(self, data: str | Path | CTRData, batch_size: int = EVAL_BATCH_SIZE) -> np.ndarray:
-        """Probabilities [N, P] in input order."""
+        """Probabilities [N, P] in input order (a path is read chunk by chunk: :meth:`predict_chunks`)."""
         if not isinstance(data, CTRData):
-            data = self.read(data)
-        elif tuple(int(x) for x in data.field_offsets) != self.schema.field_offsets:
+            parts = [p for _, p in self.predict_chunks(data, batch_size)]
+            return np.concatenate(parts) if parts else np.zeros((0, len(self.labels)), np.float32)
+        if tuple(int(x) for x in data.field_offsets) != self.schema.field_offsets:
             raise ValueError(f"{data.source or 'the data'}: its field layout differs from the trained models'")
-        elif not data.meta.get("format"):  # built by the caller, not by the reader: check its ids once
+        if not data.meta.get("format"):  # built by the caller, not by the reader: check its ids once
             check_ids_in_range(data)
         loader = BatchLoader(data, batch_size, device=self.device, use_dense=self.use_dense)
         return predict_group(self.group, loader)[0]
 
     def predict(self, data: str | Path | CTRData, batch_size: int = EVAL_BATCH_SIZE) -> dict[str, np.ndarray]:
         """{peer label: probabilities [N], ..., "ensemble": mean probability [N]} in input order."""
-        p = self.predict_proba(data, batch_size)
+        return self._named(self.predict_proba(data, batch_size))
+
+    def _named(self, p: np.ndarray) -> dict[str, np.ndarray]:
         out = {name: p[:, i] for i, name in enumerate(self.labels)}
         out["ensemble"] = p.mean(1)
         return out
 
-    def evaluate(self, data: str | Path | CTRData, batch_size: int = EVAL_BATCH_SIZE) -> dict[str, dict]:
-        if not isinstance(data, CTRData):
-            data = self.read(data)
-        if data.labels is None:
-            raise ValueError(f"{data.source}: has no labels, cannot evaluate (use predict)")
-        return peer_metrics(data.labels, self.predict_proba(data, batch_size), self.labels)
+    def evaluate(self, data: str | Path | CTRData, batch_size: int = EVAL_BATCH_SIZE, **read_options: Any
+                 ) -> dict[str, dict]:
+        """AUC / logloss of each peer and the ensemble (exact: over every row). A path is read chunk
+        by chunk (``read_options``: :meth:`read_chunks`'), keeping only labels and probabilities."""
+        if isinstance(data, CTRData):
+            if data.labels is None:
+                raise ValueError(f"{data.source}: has no labels, cannot evaluate (use predict)")
+            return peer_metrics(data.labels, self.predict_proba(data, batch_size), self.labels)
+        labels, probs = [], []
+        for chunk, p in self.predict_chunks(data, batch_size, **read_options):
+            if chunk.labels is None:
+                raise ValueError(f"{data}: has no labels, cannot evaluate (use predict)")
+            labels.append(chunk.labels)
+            probs.append(p)
+        if not probs or not sum(len(p) for p in probs):
+            raise ValueError(f"{data}: holds no rows to evaluate")
+        return peer_metrics(np.concatenate(labels), np.concatenate(probs), self.labels)
+
+    def predict_file(self, path: str | Path, out: str | Path, batch_size: int = EVAL_BATCH_SIZE,
+                     **read_options: Any) -> dict[str, Any]:
+        """Score a file of any size into the CSV ``out`` (:func:`write_predictions_csv`'s columns,
+        written chunk by chunk to a temporary file renamed at the end): key column(s) first (the
+        ``id_column`` read option's raw values, else each row's line number, or file and row for
+        Parquet / Arrow), then one column per peer and ``ensemble``. Returns the rows written, the
+        columns and the skipped-line counts."""
+        rows, skipped = 0, {}
+        with PredictionCSV(out) as csv:
+            for chunk, p in self.predict_chunks(path, batch_size, **read_options):
+                csv.write(self._named(p), prediction_keys(chunk))
+                rows += len(chunk)
+                for k, v in chunk.skipped.items():
+                    skipped[k] = skipped.get(k, 0) + int(v)
+            if csv.columns is None:  # not even a header line in the input
+                csv.write(self._named(np.zeros((0, len(self.labels)), np.float32)), [("line", np.zeros(0, np.int64))])
+        return {"rows": rows, "columns": csv.columns, "skipped": skipped}
+
+
+def prediction_keys(data: CTRData) -> list[tuple[str, Any]]:
+    """What joins a prediction back to its input row: the id column, else the row's place in the
+    source (bad lines skipped leave gaps, so never the row's position in the result)."""
+    if data.ids is not None:
+        return [(data.ids.name, data.ids)]
+    if data.lines is None:
+        return [("row", np.arange(len(data)))]
+    if data.meta.get("position") == "row":  # Parquet / Arrow: 0-based row of the file
+        keys = [("row", data.lines)]
+        if data.file_index is not None:
+            keys.insert(0, ("file", np.asarray(data.meta["files"], dtype=object)[data.file_index]))
+        return keys
+    return [("line", data.lines)]
 
 
 def inference_group(state: dict[str, Any], device: torch.device) -> PeerGroup:
@@ -185,27 +269,54 @@ def write_predictions_csv(preds: dict[str, np.ndarray], path: str | Path,
         id,ensemble
         "a,b",0.25
     """
+    with PredictionCSV(path) as csv:
+        csv.write(preds, ids)
 
-    def quoted(values: Any) -> np.ndarray:
-        v = np.asarray(values).astype(str)
-        special = np.zeros(v.shape, bool)
-        for c in (",", '"', "\n", "\r"):
-            special |= np.char.find(v, c) >= 0
-        if not special.any():
-            return v
-        return np.where(special, np.char.add(np.char.add('"', np.char.replace(v, '"', '""')), '"'), v)
 
-    names = list(preds)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    cols = [np.char.mod("%.6g", preds[n]) for n in names]
-    id_cols = [] if ids is None else [ids] if isinstance(ids, tuple) else list(ids)
-    cols = [quoted(values) for _, values in id_cols] + cols
-    names = [name for name, _ in id_cols] + names
-    with open(path, "w", encoding="utf-8", newline="") as f:
-        f.write(",".join(quoted(np.asarray(names, dtype=object)).tolist()) + "\n")
+def _quoted(values: Any) -> np.ndarray:
+    v = np.asarray(values).astype(str)
+    special = np.zeros(v.shape, bool)
+    for c in (",", '"', "\n", "\r"):
+        special |= np.char.find(v, c) >= 0
+    if not special.any():
+        return v
+    return np.where(special, np.char.add(np.char.add('"', np.char.replace(v, '"', '""')), '"'), v)
+
+
+class PredictionCSV:
+    """The predictions CSV written in parts (:func:`write_predictions_csv`'s format): ``write``
+    appends rows (the header with the first part), into ``PATH.tmp`` renamed to ``PATH`` when the
+    ``with`` block ends without an error (removed when it raises): never a partial file at PATH."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.columns: list[str] | None = None
+        self._f = None
+
+    def __enter__(self) -> "PredictionCSV":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.tmp, "w", encoding="utf-8", newline="")
+        return self
+
+    def write(self, preds: dict[str, np.ndarray], ids: tuple[str, Any] | list[tuple[str, Any]] | None = None) -> None:
+        id_cols = [] if ids is None else [ids] if isinstance(ids, tuple) else list(ids)
+        names = [name for name, _ in id_cols] + list(preds)
+        if self.columns is None:
+            self.columns = names
+            self._f.write(",".join(_quoted(np.asarray(names, dtype=object)).tolist()) + "\n")
+        elif names != self.columns:
+            raise ValueError(f"predictions with columns {names} after {self.columns}")
+        cols = [_quoted(values) for _, values in id_cols] + [np.char.mod("%.6g", preds[n]) for n in preds]
         if cols and len(cols[0]):
-            np.savetxt(f, np.stack(cols, 1), fmt="%s", delimiter=",")
+            np.savetxt(self._f, np.stack(cols, 1), fmt="%s", delimiter=",")
+
+    def __exit__(self, kind, exc, tb) -> None:
+        self._f.close()
+        if kind is None:
+            os.replace(self.tmp, self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------- phases

@@ -463,37 +463,23 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
     _existing_file(a.data, "data file")
     pred = load_run(a.run, device=a.device)
-    metrics = pred.evaluate(pred.read(a.data, on_bad_line=a.on_bad_line))
+    metrics = pred.evaluate(a.data, on_bad_line=a.on_bad_line)
     print(metrics_table({Path(a.data).name: metrics}))
     return 0
 
 
 def cmd_predict(a: argparse.Namespace) -> int:
-    from mlfast.api import load_run, write_predictions_csv
+    from mlfast.api import load_run
 
     _existing_file(a.data, "data file")
     pred = load_run(a.run, device=a.device)
     extra = {} if a.id_column is None else {"id_column": a.id_column}
-    data = pred.read(a.data, on_bad_line=a.on_bad_line, **extra)
-    preds = pred.predict(data)
-    import numpy as np
-
-    # What joins a prediction back to its input row: the id column, else the row's place in the
-    # source (bad lines skipped leave gaps, so never the row's position in the result).
-    if data.ids is not None:
-        keys = [(data.ids.name, data.ids)]
-    elif data.lines is None:
-        keys = [("row", np.arange(len(data)))]
-    elif data.meta.get("position") == "row":  # Parquet / Arrow: 0-based row of the file
-        keys = [("row", data.lines)]
-        if data.file_index is not None:
-            keys.insert(0, ("file", np.asarray(data.meta["files"], dtype=object)[data.file_index]))
-    else:
-        keys = [("line", data.lines)]
-    write_predictions_csv(preds, a.out, ids=keys)
-    skipped = sum(v for k, v in data.skipped.items() if k != "blank_line")
-    note = f" ({skipped} bad lines skipped: {data.skipped})" if skipped else ""
-    print(f"wrote {len(data):,} rows x {len(preds)} columns ({', '.join(preds)}) to {a.out}{note}")
+    # read, scored and written chunk by chunk: memory bounded by two chunks, whatever the file size
+    r = pred.predict_file(a.data, a.out, on_bad_line=a.on_bad_line, **extra)
+    skipped = sum(v for k, v in r["skipped"].items() if k != "blank_line")
+    note = f" ({skipped} bad lines skipped: {r['skipped']})" if skipped else ""
+    peers = [c for c in r["columns"] if c in pred.labels or c == "ensemble"]
+    print(f"wrote {r['rows']:,} rows x {len(peers)} columns ({', '.join(peers)}) to {a.out}{note}")
     return 0
 
 

@@ -7,7 +7,7 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -54,14 +54,28 @@ def reader_options(**overrides: Any) -> dict[str, Any]:
 def read_file(path: str | Path, options: dict[str, Any], keys: bool = False) -> CTRData:
     """Read one file with the run's reader options (``keys=True``: raw 64-bit keys, for vocabularies).
     Other reader arguments in ``options`` pass through (``id_column``: see :func:`mlfast.io.reader.read`)."""
-    from mlfast.io.reader import DelimitedSchema, read
+    from mlfast.io.reader import read
+
+    return read(str(path), keys=keys, **_reader_kwargs(options))
+
+
+def iter_file(path: str | Path, options: dict[str, Any], keys: bool = False, **chunking: Any) -> Iterator[CTRData]:
+    """:func:`read_file`'s rows in chunks (:func:`mlfast.io.reader.iter_read`; ``chunking``:
+    ``chunk_bytes`` for text, ``batch_rows`` for Parquet / Arrow)."""
+    from mlfast.io.reader import iter_read
+
+    return iter_read(str(path), keys=keys, **_reader_kwargs(options), **chunking)
+
+
+def _reader_kwargs(options: dict[str, Any]) -> dict[str, Any]:
+    from mlfast.io.reader import DelimitedSchema
 
     kw = {k: v for k, v in options.items() if k not in _NOT_PARSING}
     if options.get("schema") is not None:
         kw["format"] = "delimited"
         # A run stored before quoting existed has no "quote": it read quotes as plain bytes.
         kw["schema"] = DelimitedSchema(**{"quote": None, **options["schema"]})
-    return read(str(path), keys=keys, **kw)
+    return kw
 
 
 def _check_same_layout(ref: CTRData, other: CTRData, what: str) -> None:

@@ -82,6 +82,7 @@ __all__ = [
     "read_avazu",
     "read_delimited",
     "iter_criteo_chunks",
+    "iter_read",
     "iter_avazu_chunks",
     "iter_delimited_chunks",
     "release_memory",
@@ -985,6 +986,29 @@ def read(path: str | os.PathLike, format: str = "auto", **kw: Any) -> CTRData:
         >>> read("../shared/datasets_raw/avazu_head10k/avazu_train_head10k.csv", cache=False).meta["format"]
         'avazu-train'
     """
+    return _dispatch(path, format, kw, chunks=False)
+
+
+def iter_read(path: str | os.PathLike, format: str = "auto", **kw: Any) -> Iterator[CTRData]:
+    """:func:`read`'s rows as CTRData chunks, never all in memory: the same format detection and
+    options, the format's chunk iterator (:func:`iter_criteo_chunks`, :func:`iter_avazu_chunks`,
+    :func:`iter_delimited_chunks`, :func:`mlfast.io.arrow.iter_columnar_chunks`). ``chunk_bytes``
+    sizes text chunks, ``batch_rows`` Parquet / Arrow ones; ``cache`` / ``cache_dir`` are ignored
+    (chunks are never cached). Concatenated, the chunks are :func:`read`'s arrays, and their
+    ``skipped`` counts add up to its (a last, row-less chunk may carry the trailing counts).
+
+    Example::
+
+        >>> path = "../shared/datasets_raw/avazu_head10k/avazu_train_head10k.csv"
+        >>> sum(len(c) for c in iter_read(path, chunk_bytes=1 << 18))
+        9999
+    """
+    kw = {k: v for k, v in kw.items() if k not in ("cache", "cache_dir")}
+    return _dispatch(path, format, kw, chunks=True)
+
+
+def _dispatch(path: str | os.PathLike, format: str, kw: dict[str, Any], chunks: bool):
+    """The reader (whole or chunked) ``format`` and the file's first line choose, called with ``kw``."""
     if format in ("auto", "delimited", "parquet", "arrow"):
         from mlfast.io import arrow
 
@@ -996,30 +1020,36 @@ def read(path: str | os.PathLike, format: str = "auto", **kw: Any) -> CTRData:
                 raise ValueError(f"{os.fspath(path)}: Parquet / Arrow input needs a schema naming its columns: "
                                  "read(path, schema=DelimitedSchema(label=..., categorical=[...], numeric=[...])) "
                                  "(on the command line: --label, --categorical, --numeric, --sequence)")
+            if chunks:
+                return arrow.iter_columnar_chunks(path, schema, **opts)
+            opts.pop("batch_rows", None)
             return arrow.read_columnar(path, schema, **opts)
+    kw = {k: v for k, v in kw.items() if k != "batch_rows"}
+    criteo, avazu, delimited = ((iter_criteo_chunks, iter_avazu_chunks, iter_delimited_chunks) if chunks
+                                else (read_criteo, read_avazu, read_delimited))
     p = _check_path(path)
     family, _, layout = format.partition("-")
     if family in ("train", "test") and not layout:
         family, layout = "criteo", family
     if family == "criteo" and layout in ("", "train", "test"):
-        return read_criteo(p, format=layout or "auto", **kw)
+        return criteo(p, format=layout or "auto", **kw)
     not_criteo = {k: v for k, v in kw.items() if k != "int_buckets"}
     if family == "avazu" and layout in ("", "train", "test"):
-        return read_avazu(p, format=layout or "auto", **not_criteo)
+        return avazu(p, format=layout or "auto", **not_criteo)
     if format == "delimited":
         if "schema" not in not_criteo:
             raise ValueError("format='delimited' needs schema=DelimitedSchema(...)")
-        return read_delimited(p, not_criteo.pop("schema"), **not_criteo)
+        return delimited(p, not_criteo.pop("schema"), **not_criteo)
     if format != "auto":
         raise ValueError(f"format must be 'auto', 'criteo', 'train', 'test', 'avazu', 'delimited', 'parquet', 'arrow' or a "
                          f"meta['format'] value such as 'criteo-train', got {format!r}")
     line_no, line = _first_line(p)
     if b"\t" in line and line.count(b"\t") + 1 in (39, 40):
-        return read_criteo(p, **kw)
+        return criteo(p, **kw)
     if line.split(b",")[:3] in ([b"id", b"click", b"hour"], [b"id", b"hour", b"C1"]):
-        return read_avazu(p, **not_criteo)
+        return avazu(p, **not_criteo)
     if line.count(b",") + 1 == 24:
-        return read_avazu(p, **{"header": False, **not_criteo})
+        return avazu(p, **{"header": False, **not_criteo})
     raise ValueError(f"{p}: cannot tell the format from line {line_no} ({_show(line[:80])}): not Criteo "
                      "(39/40 tab-separated fields) nor Avazu (its header, or 24 comma-separated fields). "
                      "Use read_delimited(path, DelimitedSchema(...)) or read(path, format='delimited', schema=...)")
