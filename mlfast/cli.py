@@ -136,7 +136,8 @@ def _reader_options(a: argparse.Namespace) -> dict:
                               int_buckets=not a.no_int_buckets, on_bad_line=a.on_bad_line,
                               cache=not a.no_cache, num_threads=a.reader_threads, schema=schema,
                               min_count=a.min_count, stream=getattr(a, "stream", False) or None,
-                              window_rows=getattr(a, "window_rows", None))
+                              window_rows=getattr(a, "window_rows", None),
+                              stream_lanes=getattr(a, "stream_lanes", None))
     except ValueError as exc:
         raise UsageError(str(exc))
 
@@ -145,7 +146,7 @@ def _reader_options(a: argparse.Namespace) -> dict:
 _READER_FLAGS = {"format": "format", "hash_buckets": "hash_buckets", "hash_seed": "hash_seed",
                  "int_buckets": "no_int_buckets", "on_bad_line": "on_bad_line", "cache": "no_cache",
                  "num_threads": "reader_threads", "min_count": "min_count", "stream": "stream",
-                 "window_rows": "window_rows",
+                 "window_rows": "window_rows", "stream_lanes": "stream_lanes",
                  "schema": ("label", "categorical", "numeric", "sequence", "sequence_separator", "sequence_max_len",
                             "delimiter", "no_header", "quote", "no_quote")}
 
@@ -245,6 +246,11 @@ def _add_train_args(p: argparse.ArgumentParser, default_peers: str = "deepfm,dcn
                         "split of DATA is then by blocks of rows)")
     s.add_argument("--window-rows", type=int, default=None, metavar="N",
                    help="--stream: rows read and shuffled together (default 262144, about 100 MB of Criteo)")
+    s.add_argument("--stream-lanes", type=int, default=None, metavar="L",
+                   help="--stream: deal the training blocks to L lanes, each read and shuffled on its own, a batch "
+                        "being B/L rows of each; a data shard of --nproc reads only its own lanes (default: 1, or "
+                        "one per data shard: each process reads only its share). The same L gives the same "
+                        "batches on any number of processes dividing it")
     _add_reader_args(p)
 
 

@@ -123,7 +123,7 @@ def engine_worker(rank: int, world: int, port: int, mode: str, mutual: str, exch
 
     from mlfast.dist.engine import DistEngine
     from mlfast.dist.launch import DistContext, init_process_group
-    from mlfast.dist.topology import shard_bounds
+    from mlfast.io.batches import shard_bounds
 
     init_rank(rank, world, port)
     device, backend, _ = init_process_group("cpu", "gloo")

@@ -12,7 +12,8 @@ from mlfast.dist.data import ShardedBatchLoader
 from mlfast.dist.launch import strip_option
 from mlfast.dist.layers import relu_dropout_forward_at
 from mlfast.dist.sharded_tables import ShardedPeerTables, local_rows
-from mlfast.dist.topology import Topology, shard_bounds
+from mlfast.dist.topology import Topology
+from mlfast.io.batches import shard_bounds
 from mlfast.io.batches import BatchLoader
 from mlfast.io.data import CTRData
 from mlfast.models import FeatureSchema, parse_peers

@@ -200,7 +200,73 @@ def test_the_command_line_trains_from_a_directory_of_files(cache, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("lanes,batch_size,window_rows", [(2, 256, 2048), (3, 100, 700), (4, 512, 100_000),
+                                                          (8, 64, 10)])
+def test_lanes_give_full_batches_of_distinct_rows_and_each_shard_reads_only_its_lanes(kaggle, np_rng, lanes,
+                                                                                     batch_size, window_rows):
+    from mlfast.dist.data import ShardedStreamLoader
+    from mlfast.io.batches import shard_bounds
+
+    ds, mem = kaggle
+    blocks = np.sort(np_rng.choice(ds.num_blocks, ds.num_blocks * 3 // 4, replace=False))
+    loader = StreamLoader(ds, blocks, batch_size, shuffle=True, seed=4, window_rows=window_rows, lanes=lanes,
+                          prefetch=int(np_rng.integers(0, 2)))
+    rows = int(ds.block_lengths[blocks].sum())
+    expect = np.concatenate([np.arange(ds.block_start[b], ds.block_start[b] + ds.block_lengths[b]) for b in blocks])
+    for epoch in (0, 1):
+        batches = list(loader.epoch(epoch))
+        assert len(batches) == len(loader) and all(len(b) == batch_size for b in batches)
+        idx = _indices(batches)
+        assert len(np.unique(idx)) == len(idx) and np.isin(idx, expect).all()
+        assert rows - len(idx) == loader.left_out < lanes * (ds.block_rows + batch_size)
+        b = batches[-1]
+        np.testing.assert_array_equal(b.sparse.numpy(), mem.sparse[b.index.numpy()])
+    # a data shard's batches are its slice of each global batch, read from its own lanes' blocks only
+    full = list(loader.epoch(1))
+    for shards in [d for d in (1, 2, lanes) if lanes % d == 0]:
+        read = {}
+        for shard in range(shards):
+            seen: list[int] = []
+            real = ds.read_blocks
+            ds.read_blocks = lambda bl, _s=seen, _r=real: (_s.extend(np.asarray(bl).tolist()), _r(bl))[1]
+            try:
+                mine = list(ShardedStreamLoader(loader, shard, shards).epoch(1))
+            finally:
+                del ds.read_blocks
+            read[shard] = set(seen)
+            assert len(mine) == len(full)
+            for got, whole in zip(mine, full):
+                lo, hi = shard_bounds(batch_size, shard, shards)
+                assert (got.offset, got.global_size) == (lo, batch_size)
+                np.testing.assert_array_equal(got.index.numpy(), whole.index.numpy()[lo:hi])
+                np.testing.assert_array_equal(got.sparse.numpy(), whole.sparse.numpy()[lo:hi])
+        assert sum(len(v) for v in read.values()) == len(set().union(*read.values()))  # no block read twice
+        if shards > 1:
+            share = lanes // shards * -(-len(blocks) // lanes)  # its lanes' blocks, not every block
+            assert max(len(v) for v in read.values()) <= share
+    # exact resume inside a lane stream
+    k = len(full) // 2
+    np.testing.assert_array_equal(_indices(list(loader.epoch(1, start_batch=k))), _indices(full[k:]))
+
+
+def test_lanes_are_refused_where_they_cannot_work(kaggle):
+    from mlfast.dist.data import ShardedStreamLoader
+
+    ds, _ = kaggle
+    with pytest.raises(ValueError, match="evaluation reads one stream"):
+        StreamLoader(ds, None, 100, shuffle=False, lanes=2)
+    with pytest.raises(ValueError, match="lanes must be in"):
+        StreamLoader(ds, None, 4, shuffle=True, lanes=5)
+    with pytest.raises(ValueError, match="multiple of the number of data shards"):
+        ShardedStreamLoader(StreamLoader(ds, None, 100, shuffle=True, lanes=3), 0, 2)
+    with pytest.raises(ValueError, match="too few rows"):
+        StreamLoader(ds, np.arange(4), 512, shuffle=True, lanes=4)
+
+
 def test_data_parallel_streaming_trains_what_one_process_trains(tmp_path):
+    """2 processes read a lane each (the default); one process with --stream-lanes 2 trains on the
+    same batches. With --stream-lanes 1 both processes read every window and cut each batch: the
+    single process's default run."""
     from mlfast.io.synth import synth_criteo
 
     data = tmp_path / "train.tsv"
@@ -211,17 +277,22 @@ def test_data_parallel_streaming_trains_what_one_process_trains(tmp_path):
                                                              "LOCAL_RANK", "TORCHELASTIC_RESTART_COUNT")}
     env.update(OMP_NUM_THREADS="1", MLFAST_CACHE_DIR=str(tmp_path / "cache"))
     outs = {}
-    for n in (1, 2):
-        out = tmp_path / f"p{n}"
-        r = subprocess.run([sys.executable, "-m", "mlfast", "train", *args, "--out", str(out),
-                            *(["--nproc", "2"] if n == 2 else [])], capture_output=True, text=True, timeout=300, env=env)
+    for name, extra in (("1p_lanes2", ["--stream-lanes", "2"]), ("2p", ["--nproc", "2"]), ("1p", []),
+                        ("2p_lanes1", ["--nproc", "2", "--stream-lanes", "1"])):
+        out = tmp_path / name
+        r = subprocess.run([sys.executable, "-m", "mlfast", "train", *args, "--out", str(out), *extra],
+                           capture_output=True, text=True, timeout=300, env=env)
         assert r.returncode == 0, r.stderr[-3000:]
-        outs[n] = json.loads((out / "metrics.json").read_text())
-    assert outs[2]["train"]["distributed"]["shards"] == 2
-    for split in ("valid", "test"):
-        for name, m in outs[1][split].items():  # fp32: the ranks' sums add in another order
-            assert outs[2][split][name]["auc"] == pytest.approx(m["auc"], abs=2e-4), (split, name)
-            assert outs[2][split][name]["logloss"] == pytest.approx(m["logloss"], abs=2e-4), (split, name)
+        outs[name] = json.loads((out / "metrics.json").read_text())
+        log = (out / "train.log").read_text()
+        assert ("2 lanes of 128 rows per batch" in log) == (name in ("1p_lanes2", "2p")), (name, log[-2000:])
+    assert outs["2p"]["train"]["distributed"]["shards"] == 2
+    assert outs["2p"]["train"]["samples"] == outs["1p_lanes2"]["train"]["samples"] < outs["1p"]["train"]["samples"]
+    for one, two in (("1p_lanes2", "2p"), ("1p", "2p_lanes1")):
+        for split in ("valid", "test"):
+            for name, m in outs[one][split].items():  # fp32: the ranks' sums add in another order
+                assert outs[two][split][name]["auc"] == pytest.approx(m["auc"], abs=2e-4), (one, split, name)
+                assert outs[two][split][name]["logloss"] == pytest.approx(m["logloss"], abs=2e-4), (one, split, name)
 
 
 # ------------------------------------------------------------------------------------ out of core

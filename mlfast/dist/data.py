@@ -1,7 +1,7 @@
 """Each data shard's part of every global batch.
 
 A data-parallel rank must see, at step k, rows [lo, hi) of the global batch k that a single
-process with batch B would train on (``mlfast.dist.topology.shard_bounds``), so that D ranks
+process with batch B would train on (``mlfast.io.batches.shard_bounds``), so that D ranks
 together take exactly one global step. `ShardedBatchLoader` is a `BatchLoader` over the same rows,
 seed and order on every rank (``order(epoch)``: the same permutation everywhere) that gathers only
 its shard's rows of each batch and says where they sit (`ShardBatch`: ``offset``, ``global_size``).
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mlfast.dist.topology import shard_bounds
+from mlfast.io.batches import shard_bounds
 from mlfast.io.batches import Batch, BatchLoader
 
 
@@ -92,11 +92,16 @@ class ShardedBatchLoader(BatchLoader):
 
 class ShardedStreamLoader:
     """A :class:`mlfast.io.stream.StreamLoader`'s global batches, each cut to data shard ``shard``
-    of ``shards`` (`ShardBatch`), with its ``len`` and exact ``epoch(e, start_batch)``."""
+    of ``shards`` (`ShardBatch`), with its ``len`` and exact ``epoch(e, start_batch)``. A training
+    stream read in lanes (``shards`` divides ``loader.lanes``) gives each shard its own lanes: it
+    reads only its rows. A one-lane stream (evaluation) is read whole by every shard and cut."""
 
     def __init__(self, loader, shard: int, shards: int):
         if not 0 <= shard < shards:
             raise ValueError(f"shard {shard} of {shards}")
+        if loader.lanes > 1 and loader.lanes % shards:
+            raise ValueError(f"{loader.lanes} stream lanes cannot be shared by {shards} data shards: the number of "
+                             f"lanes must be a multiple of the number of data shards")
         self.loader, self.shard, self.shards = loader, int(shard), int(shards)
         self.batch_size = loader.batch_size
         self.data = loader.data
@@ -112,14 +117,20 @@ class ShardedStreamLoader:
         def cut(t, lo, hi):
             return None if t is None else t[lo:hi]
 
-        def shards():
+        def whole():
             for b in self.loader.epoch(epoch, start_batch):
                 n = len(b)
                 lo, hi = shard_bounds(n, self.shard, self.shards)
                 yield ShardBatch(cut(b.sparse, lo, hi), cut(b.dense, lo, hi), cut(b.labels, lo, hi), b.index[lo:hi],
                                  (), n, lo)
 
-        return shards()
+        def own_lanes():
+            k = self.loader.lanes // self.shards
+            lo = shard_bounds(self.batch_size, self.shard, self.shards)[0]
+            for b in self.loader.epoch(epoch, start_batch, lanes=range(self.shard * k, (self.shard + 1) * k)):
+                yield ShardBatch(b.sparse, b.dense, b.labels, b.index, (), self.batch_size, lo)
+
+        return own_lanes() if self.loader.lanes > 1 else whole()
 
 
 def shard_loader(loader, shard: int, shards: int):
@@ -127,5 +138,7 @@ def shard_loader(loader, shard: int, shards: int):
     from mlfast.io.stream import StreamLoader
 
     if isinstance(loader, StreamLoader):
+        if loader.shuffle and loader.lanes == 1 and getattr(loader, "auto_lanes", False):
+            loader = loader.with_lanes(shards)  # by default each data shard reads its own lane
         return ShardedStreamLoader(loader, shard, shards)
     return ShardedBatchLoader(loader, shard, shards)

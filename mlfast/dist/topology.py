@@ -95,11 +95,3 @@ class Topology:
                 f"data shard(s); " + "; ".join(f"group {g}: peers {self.peers_of(g)}" for g in range(self.groups)))
 
 
-def shard_bounds(n: int, shard: int, shards: int) -> tuple[int, int]:
-    """Rows [lo, hi) of a batch of ``n`` rows that data shard ``shard`` of ``shards`` takes:
-    contiguous and balanced (sizes differ by at most one), in shard order.
-
-    >>> [shard_bounds(10, d, 3) for d in range(3)]
-    [(0, 3), (3, 6), (6, 10)]
-    """
-    return shard * n // shards, (shard + 1) * n // shards

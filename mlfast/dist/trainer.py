@@ -288,7 +288,7 @@ class DistTrainer(MutualTrainer):
 
 def sharded_counts(loader, shard: int, shards: int, k: int) -> int:
     """Rows of batch ``k`` of ``loader`` that data shard ``shard`` takes."""
-    from mlfast.dist.topology import shard_bounds
+    from mlfast.io.batches import shard_bounds
 
     rows = loader.rows if hasattr(loader, "rows") else len(loader.indices)  # streamed / in memory
     n = min(loader.batch_size, rows - k * loader.batch_size)

@@ -69,6 +69,16 @@ def stop_prefetch_threads(timeout: float = 10.0) -> int:
     return len(live)
 
 
+def shard_bounds(n: int, shard: int, shards: int) -> tuple[int, int]:
+    """Rows [lo, hi) of a batch of ``n`` rows that data shard ``shard`` of ``shards`` takes:
+    contiguous and balanced (sizes differ by at most one), in shard order.
+
+    >>> [shard_bounds(10, d, 3) for d in range(3)]
+    [(0, 3), (3, 6), (6, 10)]
+    """
+    return shard * n // shards, (shard + 1) * n // shards
+
+
 def num_batches(rows: int, batch_size: int, drop_last: bool = False, min_last: int = 1) -> int:
     """Batches of an epoch of ``rows``: the full ones, and the last partial one unless ``drop_last``
     or it holds fewer than ``min_last`` rows."""
@@ -482,4 +492,4 @@ def iter_batches(
 
 
 __all__ = ["Batch", "BatchLoader", "split_indices", "split_sizes", "iter_batches", "gather_rows",
-           "PREFETCH_THREAD_NAME", "stop_prefetch_threads", "background", "num_batches"]
+           "PREFETCH_THREAD_NAME", "stop_prefetch_threads", "background", "num_batches", "shard_bounds"]

@@ -28,9 +28,10 @@ READER_DEFAULTS: dict[str, Any] = {
     "min_count": None,  # vocabulary mode (FuxiCTR/BARS): values seen < min_count times -> OOV
     "stream": False,  # train from the cache files on disk, block-shuffled (mlfast.io.stream)
     "window_rows": None,  # stream: rows read and shuffled together (None: mlfast.io.stream's default)
+    "stream_lanes": None,  # stream: lanes of the training stream (None: 1, or one per data shard)
 }
 # How a run feeds its rows, not how a file is parsed: never passed to the reader.
-_NOT_PARSING = ("schema", "min_count", "stream", "window_rows")
+_NOT_PARSING = ("schema", "min_count", "stream", "window_rows", "stream_lanes")
 
 
 def reader_options(**overrides: Any) -> dict[str, Any]:
@@ -43,6 +44,10 @@ def reader_options(**overrides: Any) -> dict[str, Any]:
         raise ValueError(f"min_count={opts['min_count']!r}: expected an integer >= 1")
     if opts["window_rows"] is not None and int(opts["window_rows"]) < 1:
         raise ValueError(f"window_rows={opts['window_rows']!r}: expected an integer >= 1")
+    if opts["stream_lanes"] is not None and int(opts["stream_lanes"]) < 1:
+        raise ValueError(f"stream_lanes={opts['stream_lanes']!r}: expected an integer >= 1")
+    if opts["stream_lanes"] is not None and not opts["stream"]:
+        raise ValueError("stream_lanes (--stream-lanes) shapes the stream of stream=True (--stream)")
     if opts["stream"] and opts["min_count"] is not None:
         raise ValueError("stream=True (--stream) with min_count (--min-count): vocabulary mode counts every value in "
                          "memory; streaming from disk uses hashing (leave --min-count out)")
@@ -108,6 +113,7 @@ class StreamSplit:
     data: Any  # mlfast.io.stream.DiskDataset
     blocks: np.ndarray | None = None
     window_rows: int | None = None
+    lanes: int | None = None  # of a shuffled (training) loader; None: 1, or one per data shard
 
     def __len__(self) -> int:
         return len(self.data) if self.blocks is None else int(self.data.block_lengths[self.blocks].sum())
@@ -118,7 +124,8 @@ class StreamSplit:
 
         kw.pop("prefetch", None)
         return StreamLoader(self.data, self.blocks, batch_size, shuffle=shuffle, seed=seed,
-                            window_rows=self.window_rows or DEFAULT_WINDOW_ROWS, **kw)
+                            window_rows=self.window_rows or DEFAULT_WINDOW_ROWS,
+                            lanes=self.lanes if shuffle else 1, **kw)
 
 
 @dataclass
@@ -227,13 +234,13 @@ def _prepare_streamed(train, valid, test, ropts: dict[str, Any], split_seed: int
     for what, d in (("validation data", va), ("test data", te)):
         if d is not None:
             _check_same_layout(tr.header, d.header, what)
-    win = ropts["window_rows"]
+    win, lanes = ropts["window_rows"], ropts["stream_lanes"]
     if va is None:
         b_tr, b_va, b_te = split_blocks(tr, SPLIT_RATIOS, split_seed)
-        splits = {"train": StreamSplit(tr, b_tr, win), "valid": StreamSplit(tr, b_va, win),
+        splits = {"train": StreamSplit(tr, b_tr, win, lanes), "valid": StreamSplit(tr, b_va, win),
                   "test": StreamSplit(tr, b_te, win)}
     else:
-        splits = {"train": StreamSplit(tr, None, win), "valid": StreamSplit(va, None, win),
+        splits = {"train": StreamSplit(tr, None, win, lanes), "valid": StreamSplit(va, None, win),
                   "test": StreamSplit(te, None, win) if te is not None else None}
     check_split_sizes(splits, len(tr) if valid is None else None, tr.source)
     info = {
@@ -241,7 +248,8 @@ def _prepare_streamed(train, valid, test, ropts: dict[str, Any], split_seed: int
         "split": None if valid is not None else {"ratios": list(SPLIT_RATIOS), "seed": split_seed, "by": "blocks"},
         "rows": {k: len(v) for k, v in splits.items() if v is not None},
         "skipped": dict(tr.skipped), "read_seconds": time.perf_counter() - t0,
-        "stream": {"files": tr.files, "block_rows": tr.block_rows, "blocks": tr.num_blocks, "window_rows": win},
+        "stream": {"files": tr.files, "block_rows": tr.block_rows, "blocks": tr.num_blocks, "window_rows": win,
+                   "lanes": lanes},
     }
     _release_reader_pool()
     return Prepared(splits, ropts, None, info)

@@ -14,8 +14,18 @@ exactly ``batch_size`` rows across window boundaries. Memory holds two windows (
 into batches and the next, read by a background thread), whatever the data size. Without
 ``shuffle`` (evaluation) blocks and rows keep their file order.
 
+**Lanes** (``lanes=L``, training only): the epoch's block order is dealt to L lanes (block i to
+lane i mod L), each read, windowed (``window_rows / L`` rows) and row-shuffled on its own (seeded by
+(seed, epoch, window, lane)); batch k is lane 0's k-th batch of B/L rows, then lane 1's, ... (the
+sizes of :func:`mlfast.io.batches.shard_bounds`). Data shard s of S (S divides L) takes lanes
+s*L/S .. (s+1)*L/S - 1, which are exactly its rows of each batch: **each process reads only its
+share of the data**, and a single process with the same L trains on the same batches. Every batch is
+full and every epoch has the same number of them (the fewest a lane can be dealt), so an epoch
+leaves out the lanes' ragged tail (``left_out`` rows: under one block per lane plus a lane batch; a
+different tail each epoch, the block order being reshuffled).
+
 Like :class:`mlfast.io.batches.BatchLoader`: ``epoch(e)`` visits every row of the split exactly
-once, ``epoch(e, start_batch=k)`` yields exactly batches ``k ..`` of that epoch (exact mid-epoch
+once (with one lane), ``epoch(e, start_batch=k)`` yields exactly batches ``k ..`` of that epoch (exact mid-epoch
 resume; the windows before batch ``k`` are skipped without being read), batches are
 ``mlfast.io.batches.Batch`` with ``index`` holding the dataset's global row numbers.
 
@@ -44,7 +54,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from mlfast.io.batches import Batch, BatchLoader, background, num_batches, split_sizes
+from mlfast.io.batches import Batch, BatchLoader, background, num_batches, shard_bounds, split_sizes
 from mlfast.io.cache import DiskColumn
 from mlfast.io.data import CTRData
 
@@ -208,11 +218,18 @@ class StreamLoader:
     def __init__(self, dataset: DiskDataset, blocks: np.ndarray | None, batch_size: int, *, shuffle: bool = False,
                  seed: int = 0, drop_last: bool = False, device: str | torch.device | None = None,
                  use_dense: bool = True, min_last: int = 1, ids_dtype: torch.dtype = torch.int64,
-                 window_rows: int = DEFAULT_WINDOW_ROWS, prefetch: int = 1):
+                 window_rows: int = DEFAULT_WINDOW_ROWS, prefetch: int = 1, lanes: int | None = 1):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if window_rows < 1:
             raise ValueError(f"window_rows must be >= 1, got {window_rows}")
+        # lanes=None: one lane here, one per data shard when a multi-process run shards the loader
+        self.auto_lanes = lanes is None
+        lanes = 1 if lanes is None else lanes
+        if not 1 <= int(lanes) <= batch_size:
+            raise ValueError(f"lanes must be in [1, batch_size={batch_size}], got {lanes}")
+        if int(lanes) > 1 and not shuffle:
+            raise ValueError("lanes split a shuffled (training) stream; evaluation reads one stream in file order")
         self.dataset = dataset
         self.blocks = np.arange(dataset.num_blocks, dtype=np.int64) if blocks is None else np.asarray(blocks, np.int64)
         self.rows = int(dataset.block_lengths[self.blocks].sum())
@@ -222,9 +239,36 @@ class StreamLoader:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.use_dense = bool(use_dense) and dataset.header.num_dense > 0
         self.ids_dtype = ids_dtype
+        self.window_rows = int(window_rows)
         self.window_blocks = max(1, int(window_rows) // dataset.block_rows)
         self.prefetch = int(prefetch)
         self._epoch = 0
+        self.lanes = int(lanes)
+        self.lane_sizes = [hi - lo for lo, hi in (shard_bounds(self.batch_size, k, self.lanes)
+                                                  for k in range(self.lanes))]
+        self._len = num_batches(self.rows, self.batch_size, self.drop_last, self.min_last)
+        if self.lanes > 1:
+            # Full batches only, as many in every epoch: the fewest rows a lane can get is the sum of
+            # its share of blocks, taking the shortest ones (blocks are equal but for each file's last).
+            lens = np.sort(dataset.block_lengths[self.blocks])
+            fewest = int(lens[:len(lens) // self.lanes].sum())
+            self._len = fewest // max(self.lane_sizes)
+            if self._len < 1:
+                raise ValueError(f"{self.lanes} lanes of {len(lens)} blocks ({self.rows:,} rows): a lane holds too few "
+                                 f"rows for one batch of {max(self.lane_sizes)} (batch size {self.batch_size}); "
+                                 f"use fewer lanes or a smaller batch")
+
+    def with_lanes(self, lanes: int) -> "StreamLoader":
+        """The same stream read in ``lanes`` lanes (see the module docstring)."""
+        return StreamLoader(self.dataset, self.blocks, self.batch_size, shuffle=self.shuffle, seed=self.seed,
+                            drop_last=self.drop_last, device=self.device, use_dense=self.use_dense,
+                            min_last=self.min_last, ids_dtype=self.ids_dtype, window_rows=self.window_rows,
+                            prefetch=self.prefetch, lanes=lanes)
+
+    @property
+    def left_out(self) -> int:
+        """Rows an epoch leaves out: with lanes, the ragged tail of the lanes (a different one each epoch)."""
+        return self.rows - self._len * self.batch_size if self.lanes > 1 else 0
 
     @property
     def data(self) -> CTRData:
@@ -232,7 +276,7 @@ class StreamLoader:
         return self.dataset.header
 
     def __len__(self) -> int:
-        return num_batches(self.rows, self.batch_size, self.drop_last, self.min_last)
+        return self._len
 
     def set_epoch(self, epoch: int) -> None:
         self._epoch = int(epoch)
@@ -245,45 +289,55 @@ class StreamLoader:
             return self.blocks
         return np.random.default_rng([self.seed, int(epoch)]).permutation(self.blocks)
 
-    def _windows(self, epoch: int, first: int, stop=None) -> Iterator[tuple[CTRData, np.ndarray, np.ndarray]]:
+    def _windows(self, epoch: int, order: np.ndarray, K: int, key: tuple, first: int, stop=None
+                 ) -> Iterator[tuple[CTRData, np.ndarray, np.ndarray]]:
         """(rows of window w in file order, their global row numbers, the visiting order) for the
-        epoch's windows from ``first`` on."""
-        order = self.block_order(epoch)
-        K = self.window_blocks
+        windows of ``K`` blocks of ``order`` from ``first`` on."""
         for w in range(first, -(-len(order) // K)):
             if stop is not None and stop.is_set():
                 return
             data, rows = self.dataset.read_blocks(order[w * K:(w + 1) * K])
-            visit = (np.random.default_rng([self.seed, int(epoch), w]).permutation(len(rows)) if self.shuffle
+            visit = (np.random.default_rng([self.seed, int(epoch), w, *key]).permutation(len(rows)) if self.shuffle
                      else np.arange(len(rows), dtype=np.int64))
             yield data, rows, visit
 
-    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
+    def epoch(self, epoch: int, start_batch: int = 0, lanes: Sequence[int] | None = None) -> Iterator[Batch]:
+        """Batches ``start_batch ..`` of epoch ``epoch``; ``lanes``: only these lanes' rows of each
+        batch (a data shard's: consecutive lanes), concatenated in lane order."""
         nb = len(self)
         if not 0 <= start_batch <= nb:
             raise ValueError(f"start_batch must be in [0, {nb}] for {nb} batches, got {start_batch}")
-        return self._batches(epoch, start_batch)
+        if self.lanes == 1:
+            return self._stream(epoch, self.block_order(epoch), self.window_blocks, (), self.batch_size, self.rows,
+                                start_batch)
+        order, L = self.block_order(epoch), self.lanes
+        K = max(1, self.window_blocks // L)  # the lanes together hold a window's rows
+        streams = [self._stream(epoch, order[k::L], K, (k,), self.lane_sizes[k],
+                                int(self.dataset.block_lengths[order[k::L]].sum()), start_batch)
+                   for k in (range(L) if lanes is None else lanes)]
+        return _zip_lanes(streams)
 
-    def _emit(self, data: CTRData, rows: np.ndarray, visit: np.ndarray) -> Iterator[Batch]:
-        loader = BatchLoader(data, self.batch_size, indices=visit, device=self.device, prefetch=0,
+    def _emit(self, data: CTRData, rows: np.ndarray, visit: np.ndarray, B: int) -> Iterator[Batch]:
+        loader = BatchLoader(data, B, indices=visit, device=self.device, prefetch=0,
                              use_dense=self.use_dense, ids_dtype=self.ids_dtype)
         for batch in loader.epoch(0):
             batch.index = torch.from_numpy(rows[batch.index.numpy()])
             yield batch
 
-    def _batches(self, epoch: int, start_batch: int) -> Iterator[Batch]:
-        B, nb = self.batch_size, len(self)
+    def _stream(self, epoch: int, order: np.ndarray, K: int, key: tuple, B: int, total: int,
+                start_batch: int) -> Iterator[Batch]:
+        """Batches ``start_batch .. len(self)`` of ``B`` rows of the blocks ``order`` (``total`` rows),
+        read ``K`` blocks a window (one lane, or the whole stream)."""
+        nb = len(self)
         if start_batch >= nb:
             return
-        order = self.block_order(epoch)
-        K = self.window_blocks
         sizes = np.add.reduceat(self.dataset.block_lengths[order], np.arange(0, len(order), K))
         ends = np.cumsum(sizes)
         pos = start_batch * B  # the first row to hand out, in the epoch's row stream
         w0 = int(np.searchsorted(ends, pos, side="right"))
         skip = pos - (int(ends[w0 - 1]) if w0 else 0)
-        windows = self._windows(epoch, w0) if self.prefetch == 0 else \
-            background(lambda stop: self._windows(epoch, w0, stop), self.prefetch)
+        windows = self._windows(epoch, order, K, key, w0) if self.prefetch == 0 else \
+            background(lambda stop: self._windows(epoch, order, K, key, w0, stop), self.prefetch)
         # A batch that straddles two windows is assembled from the rows left over ("carry", fewer
         # than B, copied) and the head of the next window; the rest is gathered from the window.
         carry: tuple[CTRData, np.ndarray] | None = None
@@ -292,19 +346,19 @@ class StreamLoader:
             for data, rows, visit in windows:
                 visit, skip = visit[skip:], 0
                 seen += len(visit)
-                final = seen >= self.rows
+                final = seen >= total
                 if carry is not None:
                     head, visit = visit[:B - len(carry[1])], visit[B - len(carry[1]):]
                     carry = (_concat([carry[0], data.take(head)]), np.concatenate([carry[1], rows[head]]))
                     if len(carry[1]) < B and not final:
                         continue  # a window smaller than what the batch still needs
                     if k < nb:
-                        yield from self._emit(carry[0], carry[1], np.arange(len(carry[1])))
+                        yield from self._emit(carry[0], carry[1], np.arange(len(carry[1])), B)
                         k += 1
                     carry = None
                 take = min(len(visit), (nb - k) * B) if final else min(len(visit) // B, nb - k) * B
                 if take:
-                    for batch in self._emit(data, rows, visit[:take]):
+                    for batch in self._emit(data, rows, visit[:take], B):
                         yield batch
                         k += 1
                 if k >= nb:
@@ -314,6 +368,22 @@ class StreamLoader:
         finally:
             if hasattr(windows, "close"):
                 windows.close()
+
+
+def _zip_lanes(streams: list[Iterator[Batch]]) -> Iterator[Batch]:
+    """Each step's batches of the lanes, concatenated (the lanes yield as many batches each)."""
+    if len(streams) == 1:
+        yield from streams[0]
+        return
+    try:
+        for parts in zip(*streams):
+            yield Batch(torch.cat([b.sparse for b in parts]),
+                        None if parts[0].dense is None else torch.cat([b.dense for b in parts]),
+                        None if parts[0].labels is None else torch.cat([b.labels for b in parts]),
+                        torch.cat([b.index for b in parts]))
+    finally:
+        for s in streams:
+            s.close()
 
 
 __all__ = ["DiskDataset", "StreamLoader", "open_dataset", "split_blocks", "expand_paths", "block_rows_for",

@@ -232,6 +232,11 @@ class MutualTrainer:
                 raise FileNotFoundError(f"--resume: no checkpoint at {out / 'last.pt' if out else '(no --out)'}")
             self.load_training_state(out)
         pr = self.progress
+        stream = getattr(train, "loader", train)  # a data shard's loader wraps the stream
+        if getattr(stream, "lanes", 1) > 1:
+            log.info("training stream: %d lanes of %s rows per batch; each epoch leaves out the lanes' ragged tail, "
+                     "%d of %d rows (a different tail each epoch)", stream.lanes,
+                     "/".join(map(str, sorted(set(stream.lane_sizes)))), stream.left_out, stream.rows)
         total_steps = len(train) * cfg.epochs
         if cfg.max_steps:
             total_steps = min(total_steps, cfg.max_steps)
