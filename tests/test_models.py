@@ -498,3 +498,19 @@ def test_parameter_counts_follow_the_architecture():
     assert n_params(MODELS["ipnn"](schema, 4, mlp=mlp)) == mlp_params + 3 * 8 + 6 + 1
     # CIN (3 -> 2 -> 2): Linear(9, 2), Linear(6, 2), fc Linear(4, 1).
     assert n_params(MODELS["xdeepfm"](schema, 4, cin=(2, 2), mlp=mlp)) == (20 + 14 + 5) + mlp_params + 7
+
+
+def test_every_model_scores_an_empty_batch():
+    """A data shard can hold no rows of a step (a tiny last batch, or a streamed evaluation shard
+    past its end): every model must take part with an empty batch."""
+    from mlfast.models import MODELS, FeatureSchema, parse_peers
+    from mlfast.train.group import PeerGroup
+
+    F = 5
+    schema = FeatureSchema(field_offsets=tuple(range(0, 10 * (F + 1), 10)), num_dense=2)
+    for name in MODELS:
+        specs = parse_peers(name if name in ("lr", "fm") else f"{name}:mlp=8")
+        group = PeerGroup.build(specs, schema, embedding_dim=4, seeds=[1], kind="fused", device="cpu").eval()
+        with torch.no_grad():
+            out = group(torch.zeros(0, F, dtype=torch.int64), torch.zeros(0, 2), ())
+        assert tuple(out.shape) == (0, 1), name

@@ -249,6 +249,40 @@ def test_lanes_give_full_batches_of_distinct_rows_and_each_shard_reads_only_its_
     np.testing.assert_array_equal(_indices(list(loader.epoch(1, start_batch=k))), _indices(full[k:]))
 
 
+@pytest.mark.parametrize("shards,batch_size", [(2, 1000), (3, 555), (4, 10_000)])  # 555: uneven counts, padded
+def test_evaluation_shards_read_their_own_range_of_blocks(kaggle, np_rng, shards, batch_size):
+    from mlfast.dist.data import ShardedStreamLoader
+
+    ds, mem = kaggle
+    blocks = np.sort(np_rng.choice(ds.num_blocks, ds.num_blocks // 2, replace=False))
+    loader = StreamLoader(ds, blocks, batch_size, window_rows=3000)
+    whole = _indices(list(loader.epoch(0)))
+    pieces, read = [], []
+    lens = set()
+    for shard in range(shards):
+        seen: list[int] = []
+        real = ds.read_blocks
+        ds.read_blocks = lambda bl, _s=seen, _r=real: (_s.extend(np.asarray(bl).tolist()), _r(bl))[1]
+        try:
+            sl = ShardedStreamLoader(loader, shard, shards)
+            batches = list(sl.epoch(0))
+        finally:
+            del ds.read_blocks
+        lens.add((len(sl), len(batches)))
+        got = _indices(batches)
+        assert len(got) == sl.shard_rows()[shard]
+        k = len(batches) // 2  # exact resume, padding included
+        np.testing.assert_array_equal(_indices(list(sl.epoch(0, start_batch=k))), _indices(batches[k:]))
+        for b in batches:  # where its rows sit among the shards' rows of that step
+            assert 0 <= b.offset and b.offset + len(b) <= b.global_size
+            np.testing.assert_array_equal(b.sparse.numpy(), mem.sparse[b.index.numpy()])
+        pieces.append(got)
+        read.append(set(seen))
+    assert len(lens) == 1 and len(set(next(iter(lens)))) == 1  # every shard runs as many batches
+    np.testing.assert_array_equal(np.concatenate(pieces), whole)  # every row once, in file order by shard
+    assert sum(map(len, read)) == len(set().union(*read)) == len(blocks)  # each block read by one shard
+
+
 def test_lanes_are_refused_where_they_cannot_work(kaggle):
     from mlfast.dist.data import ShardedStreamLoader
 
@@ -293,6 +327,31 @@ def test_data_parallel_streaming_trains_what_one_process_trains(tmp_path):
             for name, m in outs[one][split].items():  # fp32: the ranks' sums add in another order
                 assert outs[two][split][name]["auc"] == pytest.approx(m["auc"], abs=2e-4), (one, split, name)
                 assert outs[two][split][name]["logloss"] == pytest.approx(m["logloss"], abs=2e-4), (one, split, name)
+
+
+def test_ranks_score_their_own_part_of_a_streamed_validation_file(tmp_path):
+    """A validation file of 32,800 rows (1,025 blocks of 32): rank 0 scores its 512 blocks, 16,384
+    rows (one batch of the evaluation size 16,384, then an empty one to keep in step with rank 1),
+    rank 1 its 513 blocks, 16,416 rows (two batches); the metrics are one process's."""
+    from mlfast.io.synth import synth_criteo
+
+    train, valid = tmp_path / "train.tsv", tmp_path / "valid.tsv"
+    synth_criteo(str(train), rows=3000, seed=3)
+    synth_criteo(str(valid), rows=32_800, seed=4)
+    args = [str(train), "--valid", str(valid), "--stream", "--peers", "lr", "--hash-buckets", "500",
+            "--batch-size", "256", "--epochs", "1", "--quiet", "--threads", "1", "--eval-every", "5"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                                                             "LOCAL_RANK", "TORCHELASTIC_RESTART_COUNT")}
+    env.update(OMP_NUM_THREADS="1", MLFAST_CACHE_DIR=str(tmp_path / "cache"))
+    outs = {}
+    for name, extra in (("one", ["--stream-lanes", "2"]), ("two", ["--nproc", "2"])):
+        r = subprocess.run([sys.executable, "-m", "mlfast", "train", *args, "--out", str(tmp_path / name), *extra],
+                           capture_output=True, text=True, timeout=300, env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+        outs[name] = json.loads((tmp_path / name / "metrics.json").read_text())
+    for peer, m in outs["one"]["valid"].items():
+        assert outs["two"]["valid"][peer]["auc"] == pytest.approx(m["auc"], abs=2e-4), peer
+        assert outs["two"]["valid"][peer]["logloss"] == pytest.approx(m["logloss"], abs=2e-4), peer
 
 
 # ------------------------------------------------------------------------------------ out of core

@@ -8,11 +8,12 @@ its shard's rows of each batch and says where they sit (`ShardBatch`: ``offset``
 ``len()`` is the global number of batches, the same on every rank, so the ranks' loops stay in step
 (a shard may get no rows of a tiny last batch; it still takes part in the step).
 
-Streamed data (``--stream``, :class:`mlfast.io.stream.StreamLoader`): `ShardedStreamLoader` runs
-the same seeded window order on every rank and keeps each global batch's rows [lo, hi). Every rank
-reads every window (memory stays bounded by two windows; on one node the page cache serves the
-ranks' reads of the same blocks once from disk); reading only a shard's rows would need each batch's
-rows to be spread over fewer blocks than the shuffle spreads them.
+Streamed data (``--stream``, :class:`mlfast.io.stream.StreamLoader`): `ShardedStreamLoader` reads
+only the shard's share. A training stream is read in lanes (one or more per shard): each shard reads
+its own lanes' blocks, which are exactly its rows of each global batch. An evaluation stream (file
+order) is split into contiguous ranges of blocks, one per shard, each read and scored by its shard
+alone; the shards run as many batches (a shard past its end takes part with an empty one), and
+``shard_rows()`` says how many rows each shard scored, to put the predictions together.
 `shard_loader` picks the right one for a loader.
 """
 from __future__ import annotations
@@ -22,8 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mlfast.io.batches import shard_bounds
-from mlfast.io.batches import Batch, BatchLoader
+from mlfast.io.batches import Batch, BatchLoader, shard_bounds
 
 
 @dataclass
@@ -91,10 +91,11 @@ class ShardedBatchLoader(BatchLoader):
 
 
 class ShardedStreamLoader:
-    """A :class:`mlfast.io.stream.StreamLoader`'s global batches, each cut to data shard ``shard``
-    of ``shards`` (`ShardBatch`), with its ``len`` and exact ``epoch(e, start_batch)``. A training
-    stream read in lanes (``shards`` divides ``loader.lanes``) gives each shard its own lanes: it
-    reads only its rows. A one-lane stream (evaluation) is read whole by every shard and cut."""
+    """A :class:`mlfast.io.stream.StreamLoader` cut to data shard ``shard`` of ``shards``
+    (`ShardBatch` es), reading only that shard's share: its lanes of a training stream (``shards``
+    divides ``loader.lanes``), or its range of blocks of an evaluation stream; a one-lane training
+    stream is read whole by every shard, which keeps its rows of each global batch. ``len`` is the same
+    on every shard; ``epoch(e, start_batch)`` exact."""
 
     def __init__(self, loader, shard: int, shards: int):
         if not 0 <= shard < shards:
@@ -105,32 +106,62 @@ class ShardedStreamLoader:
         self.loader, self.shard, self.shards = loader, int(shard), int(shards)
         self.batch_size = loader.batch_size
         self.data = loader.data
+        self.parts = None
+        if not loader.shuffle:  # evaluation: a contiguous range of blocks per shard
+            blocks = loader.blocks
+            self.parts = [loader.with_blocks(blocks[slice(*shard_bounds(len(blocks), d, shards))])
+                          for d in range(shards)]
 
     @property
     def num_rows(self) -> int:
         return self.loader.rows
 
     def __len__(self) -> int:
-        return len(self.loader)
+        return len(self.loader) if self.parts is None else max(len(p) for p in self.parts)
+
+    def shard_rows(self) -> list[int] | None:
+        """Rows each shard reads in an epoch (evaluation streams; None for training streams, whose
+        shards take their slice of each global batch)."""
+        return None if self.parts is None else [p.rows for p in self.parts]
 
     def epoch(self, epoch: int, start_batch: int = 0):
-        def cut(t, lo, hi):
-            return None if t is None else t[lo:hi]
+        if self.parts is not None:
+            return self._own_blocks(epoch, start_batch)
+        if self.loader.lanes == 1:  # one lane (--stream-lanes 1): every shard reads it whole, keeps its rows
+            return self._cut(epoch, start_batch)
+        k = self.loader.lanes // self.shards
+        lo = shard_bounds(self.batch_size, self.shard, self.shards)[0]
+        lanes = range(self.shard * k, (self.shard + 1) * k)
+        return (ShardBatch(b.sparse, b.dense, b.labels, b.index, (), self.batch_size, lo)
+                for b in self.loader.epoch(epoch, start_batch, lanes=lanes))
 
-        def whole():
-            for b in self.loader.epoch(epoch, start_batch):
-                n = len(b)
-                lo, hi = shard_bounds(n, self.shard, self.shards)
-                yield ShardBatch(cut(b.sparse, lo, hi), cut(b.dense, lo, hi), cut(b.labels, lo, hi), b.index[lo:hi],
-                                 (), n, lo)
+    def _cut(self, epoch: int, start_batch: int):
+        for b in self.loader.epoch(epoch, start_batch):
+            n = len(b)
+            lo, hi = shard_bounds(n, self.shard, self.shards)
+            dense = None if b.dense is None else b.dense[lo:hi]
+            labels = None if b.labels is None else b.labels[lo:hi]
+            yield ShardBatch(b.sparse[lo:hi], dense, labels, b.index[lo:hi], (), n, lo)
 
-        def own_lanes():
-            k = self.loader.lanes // self.shards
-            lo = shard_bounds(self.batch_size, self.shard, self.shards)[0]
-            for b in self.loader.epoch(epoch, start_batch, lanes=range(self.shard * k, (self.shard + 1) * k)):
-                yield ShardBatch(b.sparse, b.dense, b.labels, b.index, (), self.batch_size, lo)
+    def _own_blocks(self, epoch: int, start_batch: int):
+        B = self.batch_size
 
-        return own_lanes() if self.loader.lanes > 1 else whole()
+        def rows(d: int, k: int) -> int:  # rows of shard d in its batch k
+            return int(min(B, max(0, self.parts[d].rows - k * B)))
+
+        mine = self.parts[self.shard]
+        k = start_batch
+        for b in mine.epoch(epoch, min(start_batch, len(mine))):
+            sizes = [rows(d, k) for d in range(self.shards)]
+            yield ShardBatch(b.sparse, b.dense, b.labels, b.index, (), sum(sizes), sum(sizes[:self.shard]))
+            k += 1
+        h, dev = self.loader.data, self.loader.device
+        for k in range(k, len(self)):  # past this shard's end: empty batches, so every shard runs as many
+            sizes = [rows(d, k) for d in range(self.shards)]
+            yield ShardBatch(torch.zeros(0, h.num_fields, dtype=self.loader.ids_dtype, device=dev),
+                             torch.zeros(0, h.num_dense, device=dev) if self.loader.use_dense else None,
+                             torch.zeros(0, device=dev) if h.labels is not None else None,
+                             torch.zeros(0, dtype=torch.int64), (), sum(sizes), sum(sizes[:self.shard]))
 
 
 def shard_loader(loader, shard: int, shards: int):

@@ -143,7 +143,13 @@ class DistTrainer(MutualTrainer):
         if has_labels:
             cols.append(mine[:, P_own:])
         shard_rows = torch.cat(cols, 1)  # [n_d, P (+ 1)]
-        if topo.shards > 1:
+        own = sharded.shard_rows() if topo.shards > 1 and hasattr(sharded, "shard_rows") else None
+        if own is not None:  # each shard scored its own range of rows: theirs, in shard order
+            pad = torch.zeros(max(own), shard_rows.shape[1])
+            pad[:shard_rows.shape[0]] = shard_rows
+            gathered = self.ctx.data.all_gather(pad.to(self.ctx.device), "predict").cpu()
+            shard_rows = torch.cat([gathered[d, :n] for d, n in enumerate(own)])
+        elif topo.shards > 1:
             counts = [[sharded_counts(loader, d, topo.shards, k) for k in range(len(loader))]
                       for d in range(topo.shards)]
             n_max = max(sum(c) for c in counts)

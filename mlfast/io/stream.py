@@ -260,7 +260,14 @@ class StreamLoader:
 
     def with_lanes(self, lanes: int) -> "StreamLoader":
         """The same stream read in ``lanes`` lanes (see the module docstring)."""
-        return StreamLoader(self.dataset, self.blocks, self.batch_size, shuffle=self.shuffle, seed=self.seed,
+        return self._like(self.blocks, lanes)
+
+    def with_blocks(self, blocks: np.ndarray) -> "StreamLoader":
+        """The same kind of stream over ``blocks`` only."""
+        return self._like(blocks, self.lanes)
+
+    def _like(self, blocks: np.ndarray, lanes: int) -> "StreamLoader":
+        return StreamLoader(self.dataset, blocks, self.batch_size, shuffle=self.shuffle, seed=self.seed,
                             drop_last=self.drop_last, device=self.device, use_dense=self.use_dense,
                             min_last=self.min_last, ids_dtype=self.ids_dtype, window_rows=self.window_rows,
                             prefetch=self.prefetch, lanes=lanes)

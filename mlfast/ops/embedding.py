@@ -159,7 +159,7 @@ def _bag_members(offsets: torch.Tensor, nnz: int) -> tuple[torch.Tensor, torch.T
 def _gather_torch(weight, layout: TableLayout, ids, values, offsets, out_dtype) -> list[torch.Tensor]:
     B, F = ids.shape
     dtype = out_dtype or weight.dtype
-    rows = weight.index_select(0, ids.reshape(-1)).view(B, F, -1)
+    rows = weight.index_select(0, ids.reshape(-1)).view(B, F, weight.shape[1])
     if values is None:
         return [rows[..., layout.columns(p)].to(dtype, copy=True) for p in range(layout.num_peers)]
     bag_of, scale = _bag_members(offsets, values.numel())
