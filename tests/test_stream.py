@@ -331,8 +331,11 @@ def test_data_parallel_streaming_trains_what_one_process_trains(tmp_path):
 
 def test_ranks_score_their_own_part_of_a_streamed_validation_file(tmp_path):
     """A validation file of 32,800 rows (1,025 blocks of 32): rank 0 scores its 512 blocks, 16,384
-    rows (one batch of the evaluation size 16,384, then an empty one to keep in step with rank 1),
-    rank 1 its 513 blocks, 16,416 rows (two batches); the metrics are one process's."""
+    rows (4 batches of the CPU's evaluation size 4,096, then an empty one to keep in step with rank
+    1), rank 1 its 513 blocks, 16,416 rows (5 batches); the metrics are one process's."""
+    from mlfast.api import eval_batch_size
+
+    assert eval_batch_size("cpu") == 4096  # what the row counts above assume
     from mlfast.io.synth import synth_criteo
 
     train, valid = tmp_path / "train.tsv", tmp_path / "valid.tsv"
