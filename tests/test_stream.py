@@ -270,7 +270,7 @@ def test_evaluation_shards_read_their_own_range_of_blocks(kaggle, np_rng, shards
             del ds.read_blocks
         lens.add((len(sl), len(batches)))
         got = _indices(batches)
-        assert len(got) == sl.shard_rows()[shard]
+        assert len(got) == sl.rows_by_shard()[shard]
         k = len(batches) // 2  # exact resume, padding included
         np.testing.assert_array_equal(_indices(list(sl.epoch(0, start_batch=k))), _indices(batches[k:]))
         for b in batches:  # where its rows sit among the shards' rows of that step

@@ -13,7 +13,7 @@ only the shard's share. A training stream is read in lanes (one or more per shar
 its own lanes' blocks, which are exactly its rows of each global batch. An evaluation stream (file
 order) is split into contiguous ranges of blocks, one per shard, each read and scored by its shard
 alone; the shards run as many batches (a shard past its end takes part with an empty one), and
-``shard_rows()`` says how many rows each shard scored, to put the predictions together.
+``rows_by_shard()`` says how many rows each shard scored, to put the predictions together.
 `shard_loader` picks the right one for a loader.
 """
 from __future__ import annotations
@@ -119,7 +119,7 @@ class ShardedStreamLoader:
     def __len__(self) -> int:
         return len(self.loader) if self.parts is None else max(len(p) for p in self.parts)
 
-    def shard_rows(self) -> list[int] | None:
+    def rows_by_shard(self) -> list[int] | None:
         """Rows each shard reads in an epoch (evaluation streams; None for training streams, whose
         shards take their slice of each global batch)."""
         return None if self.parts is None else [p.rows for p in self.parts]

@@ -123,18 +123,23 @@ class DistTrainer(MutualTrainer):
         sharded = shard_loader(loader, topo.shard, topo.shards) if topo.shards > 1 else loader
         was = self.group.training
         self.group.train(False)
-        probs, labels = [], []
-        for k, batch in enumerate(sharded.epoch(epoch)):
-            with self.engine.autocast():
-                probs.append(torch.sigmoid(self.group(batch.sparse, batch.dense, batch.bags)).float().cpu())
-            if batch.labels is not None:
-                labels.append(batch.labels.float().cpu())
-        self.group.train(was)
         P_own = len(self.own)
-        mine = torch.cat(probs) if probs else torch.zeros(0, P_own)
-        has_labels = bool(labels)
-        if has_labels:
-            mine = torch.cat([mine, torch.cat(labels)[:, None]], 1)
+        # this rank's probabilities (and labels, last column) written into one array allocated up
+        # front: small per-batch results kept between freed activations fragment the CPU heap (see
+        # mlfast.train.trainer.predict_group)
+        rows = np.empty((len(sharded) * sharded.batch_size, P_own + 1), np.float32)
+        pos, has_labels = 0, False
+        for batch in sharded.epoch(epoch):
+            with self.engine.autocast():
+                prob = torch.sigmoid(self.group(batch.sparse, batch.dense, batch.bags)).float().cpu()
+            n = len(batch)
+            rows[pos:pos + n, :P_own] = prob.numpy()
+            if batch.labels is not None:
+                has_labels = True
+                rows[pos:pos + n, P_own] = batch.labels.float().cpu().numpy()
+            pos += n
+        self.group.train(was)
+        mine = torch.from_numpy(rows[:pos, :P_own + int(has_labels)].copy())
         # 1. the peers of this data shard's rows (peer group), 2. the rows of every shard (data group)
         width = topo.max_peers_per_group
         padded = torch.nn.functional.pad(mine[:, :P_own], (0, width - P_own)) if P_own < width else mine[:, :P_own]
@@ -143,7 +148,7 @@ class DistTrainer(MutualTrainer):
         if has_labels:
             cols.append(mine[:, P_own:])
         shard_rows = torch.cat(cols, 1)  # [n_d, P (+ 1)]
-        own = sharded.shard_rows() if topo.shards > 1 and hasattr(sharded, "shard_rows") else None
+        own = sharded.rows_by_shard() if topo.shards > 1 and hasattr(sharded, "rows_by_shard") else None
         if own is not None:  # each shard scored its own range of rows: theirs, in shard order
             pad = torch.zeros(max(own), shard_rows.shape[1])
             pad[:shard_rows.shape[0]] = shard_rows
