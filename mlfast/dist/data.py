@@ -169,7 +169,7 @@ def shard_loader(loader, shard: int, shards: int):
     from mlfast.io.stream import StreamLoader
 
     if isinstance(loader, StreamLoader):
-        if loader.shuffle and loader.lanes == 1 and getattr(loader, "auto_lanes", False):
+        if loader.shuffle and loader.lanes == 1 and loader.auto_lanes:
             loader = loader.with_lanes(shards)  # by default each data shard reads its own lane
         return ShardedStreamLoader(loader, shard, shards)
     return ShardedBatchLoader(loader, shard, shards)

@@ -31,7 +31,7 @@ from mlfast.train import checkpoint as ckpt
 from mlfast.train.config import TrainConfig
 from mlfast.train.engine import Engine
 from mlfast.train.metrics import peer_metrics
-from mlfast.train.trainer import MutualTrainer, Progress, _detached_copy, _peer_part
+from mlfast.train.trainer import MutualTrainer, Progress, _detached_copy, _peer_part, predict_group
 
 log = logging.getLogger("mlfast")
 
@@ -121,25 +121,10 @@ class DistTrainer(MutualTrainer):
     def predict(self, loader, epoch: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
         topo = self.ctx.topology
         sharded = shard_loader(loader, topo.shard, topo.shards) if topo.shards > 1 else loader
-        was = self.group.training
-        self.group.train(False)
         P_own = len(self.own)
-        # this rank's probabilities (and labels, last column) written into one array allocated up
-        # front: small per-batch results kept between freed activations fragment the CPU heap (see
-        # mlfast.train.trainer.predict_group)
-        rows = np.empty((len(sharded) * sharded.batch_size, P_own + 1), np.float32)
-        pos, has_labels = 0, False
-        for batch in sharded.epoch(epoch):
-            with self.engine.autocast():
-                prob = torch.sigmoid(self.group(batch.sparse, batch.dense, batch.bags)).float().cpu()
-            n = len(batch)
-            rows[pos:pos + n, :P_own] = prob.numpy()
-            if batch.labels is not None:
-                has_labels = True
-                rows[pos:pos + n, P_own] = batch.labels.float().cpu().numpy()
-            pos += n
-        self.group.train(was)
-        mine = torch.from_numpy(rows[:pos, :P_own + int(has_labels)].copy())
+        p, y = predict_group(self.group, sharded, self.engine.autocast, epoch)  # this rank's rows
+        has_labels = y is not None
+        mine = torch.from_numpy(np.concatenate([p, y[:, None]], 1) if has_labels else p).float()
         # 1. the peers of this data shard's rows (peer group), 2. the rows of every shard (data group)
         width = topo.max_peers_per_group
         padded = torch.nn.functional.pad(mine[:, :P_own], (0, width - P_own)) if P_own < width else mine[:, :P_own]
