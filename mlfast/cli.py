@@ -560,11 +560,30 @@ def cmd_study(a: argparse.Namespace) -> int:
     return 0
 
 
+_SCALE = {"k": 10**3, "m": 10**6, "g": 10**9}
+
+
+def _count(x: str) -> int:
+    """A count as people write it: ``4096``, ``1e6``, ``200k``, ``1.8M`` (what --help prints).
+
+    Example::
+
+        >>> _count("1.8M"), _count("200k"), _count("4096"), _count("1e6")
+        (1800000, 200000, 4096, 1000000)
+    """
+    x = x.strip()
+    scale = _SCALE.get(x[-1:].lower(), 1)
+    v = float(x[:-1] if scale != 1 else x) * scale
+    if v != int(v):
+        raise ValueError(x)
+    return int(v)
+
+
 def _int_list(text: str, flag: str, allow_zero: bool = False) -> list[int]:
     try:
-        vals = [int(float(x)) for x in text.split(",") if x]
+        vals = [_count(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise UsageError(f"{flag} {text!r}: expected comma-separated numbers")
+        raise UsageError(f"{flag} {text!r}: expected comma-separated numbers (4096, 200k, 1.8M)")
     if not vals or any(v < (0 if allow_zero else 1) for v in vals):
         raise UsageError(f"{flag} {text!r}: expected numbers >= {0 if allow_zero else 1}")
     return vals

@@ -75,6 +75,8 @@ def test_train_predict_eval_on_the_kaggle_sample(tmp_path, capsys):
         (["train", "{data}", "--epochs", "0"], "--epochs 0: expected an integer >= 1"),
         (["train", "{data}", "--hash-buckets", "12,x"], "--hash-buckets '12,x'"),
         (["predict", "/no/run", "{data}", "--out", "x.csv"], "run directory not found: /no/run"),
+        (["bench", "--rows", "1.8M,2.5x"], "--rows '1.8M,2.5x': expected comma-separated numbers"),
+        (["bench", "--batch-sizes", "1.5k,0.5"], "--batch-sizes '1.5k,0.5'"),
     ],
 )
 def test_bad_arguments_are_rejected_before_any_work(argv, needle, tmp_path, capsys):
