@@ -1,5 +1,6 @@
 """Helpers the benchmark scripts share: the machine description recorded with each table,
-order-statistic quantiles (median, p20, p80) of a list of timings, ONE timing method for kernels and
+order-statistic quantiles (median, p20, p80) of a list of timings, round-robin timing of CPU
+alternatives in one process (``time_round_robin``), ONE timing method for kernels and
 their baselines (``time_ms``), the device-copy yardstick of the same bytes (``copy_ms``), and a JSON
 results file rewritten after every case (``ResultsFile``), so a run cut short keeps what it measured.
 """
@@ -123,3 +124,22 @@ class ResultsFile:
             tmp.write_text(json.dumps(self.rows, indent=1))
             os.replace(tmp, self.path)
         return row
+
+
+def time_round_robin(steps: dict[str, Callable[[], object]], rounds: int,
+                     warmup: int = 3) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """(wall, process CPU) seconds per call of each step, the steps interleaved call by call. CPU
+    time counts all of the process's threads, spinning ones included; on a shared machine it is
+    less skewed by other jobs than wall time."""
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    wall: dict[str, list[float]] = {k: [] for k in steps}
+    cpu: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            step()
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    return wall, cpu

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from typing import Callable
 
 import numba
@@ -34,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_common import machine, quantile  # noqa: E402
+from bench_common import machine, quantile, time_round_robin  # noqa: E402
 
 from mlfast.models.blocks import MLP  # noqa: E402
 from mlfast.ops import dropout as D  # noqa: E402
@@ -96,25 +95,6 @@ def mlp_step(method: str, precision: str, seed: int = 0) -> Callable[[], object]
             out = mlp(x)
         out.backward(grad.to(out.dtype))
     return step
-
-
-def time_round_robin(steps: dict[str, Callable[[], object]], rounds: int,
-                     warmup: int = 3) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """(wall, process CPU) seconds per call of each step, the steps interleaved call by call. CPU
-    time counts all of the process's threads, spinning ones included; on a shared machine it is
-    less skewed by other jobs than wall time."""
-    for _ in range(warmup):
-        for step in steps.values():
-            step()
-    wall: dict[str, list[float]] = {k: [] for k in steps}
-    cpu: dict[str, list[float]] = {k: [] for k in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            t0, c0 = time.perf_counter(), time.process_time()
-            step()
-            wall[name].append(time.perf_counter() - t0)
-            cpu[name].append(time.process_time() - c0)
-    return wall, cpu
 
 
 def config() -> dict:

@@ -143,10 +143,10 @@ def build(impl: str, wl: Workload, device: torch.device, bf16: bool = False, see
         tables.materialize(torch.arange(tables.num_rows))
         for x in tables.state.tensors().values():
             x.zero_()
-    if impl != "mlfast":  # the plain-PyTorch ways drop out with F.dropout, as FuxiCTR's models do
-        from mlfast.ops.dropout import set_impl
+    if impl != "mlfast":  # the plain-PyTorch ways: F.dropout (as FuxiCTR's models), DCN's cross in torch ops
+        from mlfast.models.blocks import use_reference_ops
 
-        set_impl(group, "reference")
+        use_reference_ops(group)
     engine = IMPLS[impl](group, cfg, device, 1e-3, lr)
     engine.set_alpha(1.0)
     group.train(True)

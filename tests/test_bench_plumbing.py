@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from mlfast import bench
 
@@ -81,3 +82,14 @@ def test_bench_runs_every_implementation_on_the_cpu(tmp_path):
     assert by["mlfast"]["x_eager"] > 0 and by["mlfast"]["pct_of_mlp_bound"] > 0
     assert by["mlfast"]["best_plain_missing"] == ["compile"] and by["mlfast"]["x_best_plain"] is None
     assert "avx512f" in saved["cpu_flags"] and saved["cpu"]
+
+
+def test_plain_baselines_run_the_reference_ops_and_mlfast_its_own():
+    from mlfast.models.blocks import CrossNet
+    from mlfast.ops.dropout import ReLUDropout
+
+    wl = bench.Workload(rows=2_000, batch=8)
+    for impl, want in (("eager", {"reference"}), ("mlfast", {"auto"})):
+        engine, _ = bench.build(impl, wl, torch.device("cpu"))
+        impls = {m.impl for m in engine.group.modules() if isinstance(m, (CrossNet, ReLUDropout))}
+        assert impls == want, impl

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mlfast.ops.cross import cross_network
 from mlfast.ops.dropout import ReLUDropout
 
 BilinearType = Literal["field_all", "field_each", "field_interaction"]
@@ -59,6 +60,24 @@ def pair_indices(num_fields: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(i, j) int64 [P] over all field pairs i < j, P = F (F - 1) / 2, row-major (FuxiCTR's order)."""
     ij = torch.triu_indices(num_fields, num_fields, offset=1)
     return ij[0].contiguous(), ij[1].contiguous()
+
+
+def use_reference_ops(module: nn.Module) -> int:
+    """Run every fused CPU op inside ``module`` (ReLU + dropout, DCN's cross network) by its plain
+    torch reference; returns how many modules changed. The benchmarks' plain-PyTorch baselines use
+    this: they must not get mlfast's own ops for free.
+
+    Example::
+
+        >>> use_reference_ops(nn.Sequential(CrossNet(4), MLP(4, (3,), dropout=0.1)))
+        2
+    """
+    n = 0
+    for m in module.modules():
+        if isinstance(m, (CrossNet, ReLUDropout)):
+            m.impl = "reference"
+            n += 1
+    return n
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,17 +213,16 @@ class CrossNet(nn.Module):
         torch.Size([4, 6])
     """
 
-    def __init__(self, dim: int, num_layers: int = 3):
+    def __init__(self, dim: int, num_layers: int = 3, impl: str = "auto"):
         super().__init__()
         # Xavier-normal of a Linear(dim, 1), as FuxiCTR's CrossInteraction initialises its weight.
         self.weight = nn.Parameter(torch.randn(num_layers, dim) * math.sqrt(2.0 / (dim + 1)))
         self.bias = nn.Parameter(torch.zeros(num_layers, dim))
+        self.impl = impl  # "auto" | "fast" | "reference": see mlfast.ops.cross.resolve_impl
 
     def forward(self, x0: torch.Tensor) -> torch.Tensor:
-        x = x0
-        for layer in range(self.weight.shape[0]):
-            x = x0 * (x @ self.weight[layer]).unsqueeze(1) + self.bias[layer] + x
-        return x
+        # one fused pass over the rows on the CPU (mlfast.ops.cross); cross_reference is the formula above
+        return cross_network(x0, self.weight, self.bias, self.impl)
 
 
 class CrossNetV2(nn.Module):

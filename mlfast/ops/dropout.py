@@ -358,19 +358,6 @@ def _compile_safe():
     return _DISABLED
 
 
-def set_impl(module: nn.Module, impl: str) -> int:
-    """Set ``impl`` on every `ReLUDropout` inside ``module``; returns how many (the benchmarks run
-    their plain-PyTorch baselines with ``"reference"``: ``F.dropout`` as FuxiCTR's models use)."""
-    if impl not in ("auto",) + IMPLS:
-        raise ValueError(f"dropout impl {impl!r}: expected auto, {', '.join(IMPLS)}")
-    n = 0
-    for m in module.modules():
-        if isinstance(m, ReLUDropout):
-            m.impl = impl
-            n += 1
-    return n
-
-
 class ReLUDropout(nn.Module):
     """ReLU then inverted dropout of rate ``p`` in one pass, with its RNG state as buffers.
 

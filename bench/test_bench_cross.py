@@ -1,0 +1,120 @@
+"""DCN's cross network on the CPU: the fused numba pass (``mlfast.ops.cross``) vs its torch reference.
+
+Timed round-robin in one process (``bench_common.time_round_robin``), median with p20 / p80 of wall
+time per call and the process CPU time, ratios between medians:
+
+* ``op``: forward + backward of the 3-layer cross network on x_0 [4096, 624] (DCN on 39 fields of
+  dim 16, the benchmark workload): ``reference`` (torch ops under autograd) and ``fast``.
+* ``step``: one training step of ``mlfast bench``'s DeepFM + DCN mutual workload (1.8 M rows per
+  table, B = 4096, the fused engine) with ``MLFAST_CROSS=reference`` and ``fast``: what the op is
+  worth in the whole step.
+
+``python bench/test_bench_cross.py`` prints the table; under pytest these are pytest-benchmark cases.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_common import machine, quantile, time_round_robin  # noqa: E402
+
+from mlfast.ops import cross  # noqa: E402
+
+B, D, L = 4096, 39 * 16, 3
+METHODS = ("reference", "fast")
+
+
+def op_step(method: str, seed: int = 0) -> Callable[[], object]:
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(B, D, generator=g).requires_grad_()
+    w = (torch.randn(L, D, generator=g) / D**0.5).requires_grad_()
+    b = torch.zeros(L, D).requires_grad_()
+    grad = torch.randn(B, D, generator=g)
+
+    def step():
+        x0.grad = w.grad = b.grad = None
+        cross.cross_network(x0, w, b, impl=method).backward(grad)
+    return step
+
+
+_ENGINE: list = []
+
+
+def step_step(method: str, seed: int = 0) -> Callable[[], object]:
+    """A training step of the benchmark's mutual workload with the cross network's ``method``
+    (one engine shared by both methods: the same tables and batches)."""
+    if not _ENGINE:
+        from mlfast.bench import Workload, build, random_batches
+        from mlfast.train.graphed import GraphedStep
+
+        wl = Workload(rows=1_800_000, batch=B)
+        engine, schema = build("mlfast", wl, torch.device("cpu"), seed=seed)
+        _ENGINE.append((GraphedStep(engine, enabled=False, fallback=True),
+                        random_batches(schema, B, 8, torch.device("cpu"), seed), [0]))
+    step, batches, k = _ENGINE[0]
+
+    def run():
+        os.environ[cross.ENV_VAR] = method
+        try:
+            step(batches[k[0] % len(batches)])
+        finally:
+            os.environ.pop(cross.ENV_VAR, None)
+        k[0] += 1
+    return run
+
+
+def table(rounds: int, whats: tuple[str, ...] = ("op", "step")) -> list[dict]:
+    rows = []
+    for what in whats:
+        make = op_step if what == "op" else step_step
+        wall, cpu = time_round_robin({m: make(m) for m in METHODS}, rounds)
+        ref, ref_cpu = quantile(wall["reference"], 0.5), quantile(cpu["reference"], 0.5)
+        for m in METHODS:
+            med, med_cpu = quantile(wall[m], 0.5), quantile(cpu[m], 0.5)
+            rows.append({"what": what, "method": m, "median_ms": 1e3 * med, "p20_ms": 1e3 * quantile(wall[m], 0.2),
+                         "p80_ms": 1e3 * quantile(wall[m], 0.8), "ratio": med / ref, "cpu_ms": 1e3 * med_cpu,
+                         "cpu_ratio": med_cpu / ref_cpu, "rounds": rounds, "threads": torch.get_num_threads()})
+    return rows
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compiled():
+    cross.warmup()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_bench_cross_op(benchmark, method):
+    benchmark.extra_info.update(machine=machine(), what="op", method=method, B=B, D=D, layers=L)
+    benchmark.pedantic(op_step(method), rounds=30, iterations=1, warmup_rounds=3)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--what", default="op,step")
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args()
+    cross.warmup()
+    print(machine(), f"| torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"ms per call, wall median [p20, p80] and process CPU median over {args.rounds} round-robin rounds; "
+          f"ratio = median / reference's")
+    rows = table(args.rounds, tuple(args.what.split(",")))
+    print(f"{'what':>5} {'method':>10} {'median ms':>10} {'p20':>8} {'p80':>8} {'ratio':>7} {'cpu ms':>8} {'cpu ratio':>9}")
+    for r in rows:
+        print(f"{r['what']:>5} {r['method']:>10} {r['median_ms']:10.2f} {r['p20_ms']:8.2f} {r['p80_ms']:8.2f} "
+              f"{r['ratio']:7.3f} {r['cpu_ms']:8.2f} {r['cpu_ratio']:9.3f}")
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine(), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
