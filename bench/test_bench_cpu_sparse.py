@@ -5,7 +5,8 @@ Timed: the embedding backward + optimizer update of one step (the forward lookup
 and 17 (one table of W = 33 with segments for numba, one ``nn.Embedding`` per peer for torch, as
 FuxiCTR builds them), adam with lr 1e-3:
 
-* ``numba``:        ``mlfast.ops.cpu_sparse.sparse_update`` on the looked-up rows' gradients
+* ``numba``:        ``mlfast.ops.cpu_sparse.sparse_update`` on the looked-up rows' gradients (one
+                    contiguous [N, W_p] tensor per peer, read in place)
 * ``torch_dense``:  ``nn.Embedding`` + dense ``torch.optim.Adam`` over the tables (FuxiCTR's way)
 * ``torch_sparse``: ``nn.Embedding(sparse=True)`` + ``torch.optim.SparseAdam``
 
@@ -71,7 +72,9 @@ def make_step(method: str, wl: Workload) -> tuple[Callable[[], None], Callable[[
         cfg = SparseOptimConfig(wl.kind, lr=1e-3)
         weight = torch.randn(wl.V, sum(WIDTHS), generator=init) * 1e-4
         state = SparseOptimState.create(weight, cfg, WIDTHS)
-        flat_ids, flat_grads = ids.reshape(-1), grads.reshape(-1, sum(WIDTHS))
+        # one contiguous gradient per peer, as the lookup's backward receives them and hands them on
+        flat_ids = ids.reshape(-1)
+        flat_grads = [g.reshape(-1, w).contiguous() for g, w in zip(grads.split(WIDTHS, dim=-1), WIDTHS)]
 
         def lookup():
             F.embedding(ids, weight)  # what the peers' forward reads (no graph needed)

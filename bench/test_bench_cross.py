@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_common import machine, quantile, time_round_robin  # noqa: E402
+from step_ab import SWITCHES, engine_step  # noqa: E402
 
 from mlfast.ops import cross  # noqa: E402
 
@@ -43,30 +44,15 @@ def op_step(method: str, seed: int = 0) -> Callable[[], object]:
     return step
 
 
-_ENGINE: list = []
-
-
 def step_step(method: str, seed: int = 0) -> Callable[[], object]:
     """A training step of the benchmark's mutual workload with the cross network's ``method``
-    (one engine shared by both methods: the same tables and batches)."""
-    if not _ENGINE:
-        from mlfast.bench import Workload, build, random_batches
-        from mlfast.train.graphed import GraphedStep
+    (one engine shared by both methods: the same tables and batches; see bench/step_ab.py)."""
+    run = engine_step(seed)
 
-        wl = Workload(rows=1_800_000, batch=B)
-        engine, schema = build("mlfast", wl, torch.device("cpu"), seed=seed)
-        _ENGINE.append((GraphedStep(engine, enabled=False, fallback=True),
-                        random_batches(schema, B, 8, torch.device("cpu"), seed), [0]))
-    step, batches, k = _ENGINE[0]
-
-    def run():
-        os.environ[cross.ENV_VAR] = method
-        try:
-            step(batches[k[0] % len(batches)])
-        finally:
-            os.environ.pop(cross.ENV_VAR, None)
-        k[0] += 1
-    return run
+    def step():
+        with SWITCHES["cross"][method]():
+            run()
+    return step
 
 
 def table(rounds: int, whats: tuple[str, ...] = ("op", "step")) -> list[dict]:

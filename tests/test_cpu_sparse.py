@@ -125,6 +125,30 @@ def test_aligned_rows_match_the_reference_and_keep_padding(gen):
         assert (a[:, 17:20] == 7.0).all() and (b[:, 17:20] == 7.0).all()
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_per_segment_gradients_read_in_place_equal_the_packed_buffer(gen, kind):
+    """The lookup's backward hands one gradient per peer ([N, W_p], or [B, F, W_p]): bitwise the
+    same update as the same numbers packed into one padded [N, R] buffer."""
+    cfg = SparseOptimConfig(kind, lr=0.05, weight_decay=1e-3)
+    w = torch.randn(300, 40, generator=gen)
+    a, b = w.clone(), w.clone()
+    segs, offs = (17, 16, 3), (0, 20, 36)
+    sa = SparseOptimState.create(a, cfg, segs, col_offsets=offs)
+    sb = SparseOptimState.create(b, cfg, segs, col_offsets=offs)
+    for _ in range(3):
+        ids = torch.randint(0, 300, (900,), generator=gen)
+        parts = [torch.randn(30, 30, s, generator=gen) for s in segs]  # [B, F, W_p]: 900 lookups
+        packed = torch.zeros(900, 40)
+        for g, o, s in zip(parts, offs, segs):
+            packed[:, o:o + s] = g.reshape(900, s)
+        sparse_update(a, ids, parts, sa, cfg)
+        sparse_update(b, ids, packed, sb, cfg)
+    assert torch.equal(a, b)
+    assert all(torch.equal(getattr(sa, k), getattr(sb, k)) for k in STATE_KEYS if getattr(sa, k) is not None)
+    with pytest.raises(ValueError, match="one gradient of N x W_k elements per segment"):
+        sparse_update(a, ids, parts[:2], sa, cfg)
+
+
 def test_int32_ids_and_non_fp32_grads(gen):
     cfg = SparseOptimConfig("adagrad", lr=0.1)
     fast, ref = _pair(64, (4, 4), cfg, gen)

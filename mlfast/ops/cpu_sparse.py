@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import threading
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -105,13 +106,16 @@ def _id_bounds(ids):
 
 
 @njit(nogil=True, cache=True)
-def _sparse_update_chunk(c, n_chunks, weight, ids, grads, width, exp_avg, exp_avg_sq, sum_sq, seg_widths,
-                         seg_offsets, kind, lr, beta1, beta2, eps, weight_decay, step_size,
+def _sparse_update_chunk(c, n_chunks, weight, ids, grads, g_strides, g_offsets, width, exp_avg, exp_avg_sq,
+                         sum_sq, seg_widths, seg_offsets, kind, lr, beta1, beta2, eps, weight_decay, step_size,
                          slot, uniq, first, last, nxt):
     # Chunk c of the step (rows with (r >> _ROW_BLOCK_SHIFT) % n_chunks == c), serial and GIL-free:
-    # the launcher runs the chunks on the shared thread budget. weight / exp_avg / exp_avg_sq / grads
-    # are flat row-major views; unused state arrays are empty. Scalars arrive as float32 so the
-    # update runs in fp32, as the reference does.
+    # the launcher runs the chunks on the shared thread budget. weight / exp_avg / exp_avg_sq are
+    # flat row-major views; unused state arrays are empty. grads is a tuple of flat float32 arrays,
+    # one per segment k: lookup n's gradient of segment k is grads[k][n * g_strides[k] + g_offsets[k]
+    # + d], so the peers' gradients are read where autograd left them (one [N, W_p] tensor each), or
+    # out of one packed [N, R] tensor, without a copy. Scalars arrive as float32 so the update runs
+    # in fp32, as the reference does.
     N = ids.shape[0]
     S = seg_widths.shape[0]
     one = np.float32(1.0)
@@ -140,7 +144,9 @@ def _sparse_update_chunk(c, n_chunks, weight, ids, grads, width, exp_avg, exp_av
         if s + _PREFETCH_AHEAD < U:
             ra = row_offset(uniq[base + s + _PREFETCH_AHEAD], width)
             _prefetch_row(weight, ra, width)
-            _prefetch_row(grads, row_offset(first[base + s + _PREFETCH_AHEAD], width), width)
+            na = first[base + s + _PREFETCH_AHEAD]
+            for k in range(S):
+                _prefetch_row(grads[k], row_offset(na, g_strides[k]) + g_offsets[k], seg_widths[k])
             if kind == 2:
                 _prefetch_row(exp_avg, ra, width)
                 _prefetch_row(exp_avg_sq, ra, width)
@@ -150,18 +156,25 @@ def _sparse_update_chunk(c, n_chunks, weight, ids, grads, width, exp_avg, exp_av
         slot[r] = -1
         # Row views, indexed from 0 inside the loops: numba then drops its negative-index
         # wraparound and LLVM vectorizes the element loops (adam's sqrt and divide included).
-        n = first[base + s]
-        src = row_offset(n, width)
-        gn = grads[src:src + width]
-        for d in range(width):
-            g[d] = gn[d]
-        n = nxt[n]
-        while n >= 0:
-            src = row_offset(n, width)
-            gn = grads[src:src + width]
-            for d in range(width):
-                g[d] += gn[d]
+        # g holds the row's summed gradient at the weight's column offsets.
+        for k in range(S):
+            wk = seg_widths[k]
+            gk = g[seg_offsets[k]:seg_offsets[k] + wk]
+            gsrc = grads[k]
+            stride = g_strides[k]
+            off = g_offsets[k]
+            n = first[base + s]
+            src = row_offset(n, stride) + off
+            gn = gsrc[src:src + wk]
+            for d in range(wk):
+                gk[d] = gn[d]
             n = nxt[n]
+            while n >= 0:
+                src = row_offset(n, stride) + off
+                gn = gsrc[src:src + wk]
+                for d in range(wk):
+                    gk[d] += gn[d]
+                n = nxt[n]
         w0 = row_offset(r, width)
         s0 = row_offset(r, S)
         # Segment by segment: the columns between them are padding, never written.
@@ -236,7 +249,7 @@ def _numpy_f32(t: torch.Tensor | None, name: str, shape: tuple[int, ...]) -> np.
 def sparse_update(
     weight: torch.Tensor,
     ids: torch.Tensor,
-    grads: torch.Tensor,
+    grads: torch.Tensor | Sequence[torch.Tensor],
     state: SparseOptimState,
     cfg: SparseOptimConfig,
     threads: int | None = None,
@@ -247,8 +260,10 @@ def sparse_update(
     ``torch.get_num_threads()``); the result is bitwise the same for any count.
 
     ``weight`` [V, W] float32 (contiguous, CPU) is updated in place; ``ids`` [N] (int64 or int32,
-    repeats allowed) are the looked-up rows and ``grads`` [N, W] their gradients (cast to float32 if
-    needed). ``state.step`` is incremented even when ``ids`` is empty. Ids outside [0, V) raise
+    repeats allowed) are the looked-up rows and ``grads`` their gradients (cast to float32 if
+    needed): one [N, W] tensor (padding columns ignored), or one tensor of N x W_k elements per
+    segment k of ``state.segments`` (the peers' gradients as the lookup's backward gets them: read in
+    place, never packed into one buffer). ``state.step`` is incremented even when ``ids`` is empty. Ids outside [0, V) raise
     ``ValueError`` before anything (the step counter included) is touched.
 
     Example::
@@ -260,18 +275,24 @@ def sparse_update(
         >>> round(float(w[3, 0]), 4), float(w[0, 0]), st.step    # adam's first step is ~lr
         (-0.1, 0.0, 1)
     """
-    if ids.ndim != 1 or grads.shape != (ids.shape[0], weight.shape[1]):
-        raise ValueError(f"ids [N] and grads [N, W={weight.shape[1]}] expected, "
-                         f"got {tuple(ids.shape)} and {tuple(grads.shape)}")
-    if weight.device.type != "cpu" or ids.device.type != "cpu" or grads.device.type != "cpu":
-        raise ValueError(f"sparse_update runs on CPU tensors, got weight on {weight.device}, ids on "
-                         f"{ids.device}, grads on {grads.device}")
-    if weight.dtype != torch.float32 or not weight.is_contiguous():
-        raise ValueError(f"weight must be a contiguous float32 tensor, got {weight.dtype}"
-                         f"{'' if weight.is_contiguous() else ' (not contiguous)'}")
     V, W = weight.shape
     segs = tuple(state.segments) or (W,)
     offs = state.col_offsets if state.col_offsets is not None else packed_offsets(segs)
+    packed = isinstance(grads, torch.Tensor)
+    parts = [grads] if packed else list(grads)
+    if ids.ndim != 1 or (packed and grads.shape != (ids.shape[0], W)):
+        raise ValueError(f"ids [N] and grads [N, W={W}] expected, "
+                         f"got {tuple(ids.shape)} and {tuple(grads.shape) if packed else '...'}")
+    if not packed and (len(parts) != len(segs) or any(g.numel() != ids.shape[0] * w for g, w in zip(parts, segs))):
+        raise ValueError(f"one gradient of N x W_k elements per segment expected (N={ids.shape[0]}, widths "
+                         f"{segs}), got shapes {[tuple(g.shape) for g in parts]}")
+    devices = {weight.device.type, ids.device.type, *(g.device.type for g in parts)}
+    if devices != {"cpu"}:
+        raise ValueError(f"sparse_update runs on CPU tensors, got weight on {weight.device}, ids on "
+                         f"{ids.device}, grads on {', '.join(str(g.device) for g in parts)}")
+    if weight.dtype != torch.float32 or not weight.is_contiguous():
+        raise ValueError(f"weight must be a contiguous float32 tensor, got {weight.dtype}"
+                         f"{'' if weight.is_contiguous() else ' (not contiguous)'}")
     check_segments(segs, state.col_offsets, W)
     kind = _KIND_IDS[cfg.kind]
     exp_avg = exp_avg_sq = sum_sq = _EMPTY
@@ -292,13 +313,18 @@ def sparse_update(
     if lo < 0 or hi >= V:
         raise ValueError(f"ids must lie in [0, V={V}), got min {lo} and max {hi}")
     state.step += 1
-    grads_np = grads.to(torch.float32).contiguous().numpy().reshape(-1)
+    flat = [g.to(torch.float32).contiguous().numpy().reshape(-1) for g in parts]
+    if packed:  # every segment read out of the one [N, W] buffer, at its columns
+        g_arrays, g_strides, g_offsets = tuple(flat * len(segs)), [W] * len(segs), list(offs)
+    else:
+        g_arrays, g_strides, g_offsets = tuple(flat), list(segs), [0] * len(segs)
     t = state.step
     step_size = cfg.lr * math.sqrt(1 - cfg.beta2**t) / (1 - cfg.beta1**t) if cfg.kind == "adam" else 0.0
     n_chunks = budget() if threads is None else max(1, int(threads))
     slot, uniq, first, last, nxt = _SCRATCH.get(V, N, n_chunks)
     f32 = np.float32
-    args = (weight.numpy().reshape(-1), ids_np, grads_np, W, exp_avg, exp_avg_sq, sum_sq,
+    args = (weight.numpy().reshape(-1), ids_np, g_arrays, np.asarray(g_strides, np.int64),
+            np.asarray(g_offsets, np.int64), W, exp_avg, exp_avg_sq, sum_sq,
             np.asarray(segs, np.int64), np.asarray(offs, np.int64), kind, f32(cfg.lr), f32(cfg.beta1),
             f32(cfg.beta2), f32(cfg.eps), f32(cfg.weight_decay), f32(step_size), slot, uniq, first, last, nxt)
 

@@ -123,7 +123,6 @@ def sparse_update(weight: torch.Tensor, layout: TableLayout, ids: torch.Tensor, 
     if backend not in UPDATE_BACKENDS:
         raise ValueError(f"unknown update backend {backend!r}; expected one of {', '.join(UPDATE_BACKENDS)}")
     N = ids.numel()
-    flat = _flat_grads(grads, layout, N)
     ref = SparseOptimState(step=int(state.step.item()), sum_sq=state.sum_sq, exp_avg=state.exp_avg,
                            exp_avg_sq=state.exp_avg_sq, segments=layout.widths,
                            col_offsets=None if layout.packed else layout.col_offsets)
@@ -131,8 +130,11 @@ def sparse_update(weight: torch.Tensor, layout: TableLayout, ids: torch.Tensor, 
     if backend == "numba":
         from mlfast.ops.cpu_sparse import sparse_update as numba_update
 
-        numba_update(weight, ids.reshape(-1), flat, ref, step_cfg)
+        # each peer's gradient read where it lies: no packed [N, R] copy (a zero fill and a copy
+        # per peer, ~4 ms a step at B=4096 x 39 fields)
+        numba_update(weight, ids.reshape(-1), [g.reshape(N, w) for g, w in zip(grads, layout.widths)], ref, step_cfg)
     else:
+        flat = _flat_grads(grads, layout, N)
         if bounds_check and N:
             bad = (ids < 0) | (ids >= weight.shape[0])
             if bool(bad.any()):
