@@ -5,7 +5,7 @@ Its setup follows DeepCTR-Torch's own Criteo example: pandas reads the file, mis
 are filled with "-1" and integers with 0, LabelEncoder per categorical, MinMaxScaler on the
 integers, SparseFeat / DenseFeat columns, DeepFM; the model options match mlfast's DeepFM (embedding
 dim 16, MLP 400-400-400 with BatchNorm and dropout 0.2, Adam lr 1e-3, batch 4096, 1 epoch) and both
-train on 80% of the rows and validate on 10%.
+train on the first 80% of the rows and validate on the next 10% (the same rows as mlfast).
 
     python bench/e2e_deepctr.py DATA.tsv --json out.json
 """
@@ -44,7 +44,7 @@ def main() -> None:
     cols = [SparseFeat(f, vocabulary_size=data[f].nunique(), embedding_dim=16) for f in sparse] + \
            [DenseFeat(f, 1) for f in dense]
     names = get_feature_names(cols)
-    n = len(data)  # mlfast trains on 80% (its 8:1:1 split): so does this side
+    n = len(data)  # rows [0, 80%) train, [80%, 90%) validate: mlfast gets the same files (e2e_deepctr.sh)
     train, valid = data.iloc[: n * 8 // 10], data.iloc[n * 8 // 10: n * 9 // 10]
     t_prep = time.perf_counter() - t
     t = time.perf_counter()
