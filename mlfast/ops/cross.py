@@ -24,14 +24,14 @@ Determinism: the row sums (dL/dw, dL/db) are accumulated per chunk of ``CHUNK_RO
 chunks are added in chunk order, so the result is bitwise the same for any thread count; it is not
 bitwise autograd's (another summation order), the tests compare within float tolerance.
 
-Dispatch (``resolve_impl``): the fused path runs for float32 / float64 CPU tensors outside autocast;
-CUDA, other dtypes and CPU bf16 autocast take ``cross_reference``. ``MLFAST_CROSS=reference`` selects
+Dispatch (``resolve_impl``): the fused path runs for float32 / float64 CPU tensors outside autocast
+and outside tracers; CUDA, other dtypes, CPU bf16 autocast and anything being traced or exported
+(torch.jit.trace, ONNX export, torch.compile / torch.export) take ``cross_reference``. ``MLFAST_CROSS=reference`` selects
 the reference everywhere for A/B runs.
 """
 from __future__ import annotations
 
 import os
-import sys
 
 import numpy as np
 import torch
@@ -134,7 +134,8 @@ def resolve_impl(impl: str, x0: torch.Tensor) -> str:
     """The implementation that runs for ``impl`` ("auto" | "fast" | "reference") on ``x0``.
 
     "auto" reads ``MLFAST_CROSS`` (default "fast"); "fast" falls back to "reference" off the CPU,
-    for dtypes other than float32 / float64 and under autocast (bf16 matrix products).
+    for dtypes other than float32 / float64, under autocast (bf16 matrix products) and while a
+    tracer records (see ``_tracing``).
 
     Example::
 
@@ -148,9 +149,16 @@ def resolve_impl(impl: str, x0: torch.Tensor) -> str:
     elif impl not in IMPLS:
         raise ValueError(f"cross impl {impl!r}: expected auto, {', '.join(IMPLS)}")
     if impl == "fast" and (x0.device.type != "cpu" or x0.dtype not in FAST_DTYPES
-                           or torch.is_autocast_enabled("cpu")):
+                           or torch.is_autocast_enabled("cpu") or _tracing()):
         return "reference"
     return impl
+
+
+def _tracing() -> bool:
+    """Whether a tracer is recording this call (torch.jit.trace, ONNX export, torch.compile /
+    torch.export): they get the torch ops, which they can see into; a numba call on the tensors'
+    memory would be an opaque (or, in an exported file, missing) step."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -213,9 +221,6 @@ class CrossNetFunction(torch.autograd.Function):
         return cross_backward(grad, x0, weight, bias)
 
 
-_DISABLED = None
-
-
 def cross_network(x0: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     """x_L of DCN's cross network; the fused numba path where `resolve_impl` allows it.
 
@@ -230,13 +235,7 @@ def cross_network(x0: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, im
                          f"{tuple(weight.shape)}, {tuple(bias.shape)}")
     if resolve_impl(impl, x0) == "reference":
         return cross_reference(x0, weight, bias)
-    # opaque to torch.compile (numba on the tensors' memory): see mlfast.ops.dropout._fast
-    if "torch._dynamo" not in sys.modules:
-        return CrossNetFunction.apply(x0, weight, bias)
-    global _DISABLED
-    if _DISABLED is None:
-        _DISABLED = torch.compiler.disable(lambda x, w, b: CrossNetFunction.apply(x, w, b))
-    return _DISABLED(x0, weight, bias)
+    return CrossNetFunction.apply(x0, weight, bias)
 
 
 def warmup() -> None:
