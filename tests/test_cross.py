@@ -76,6 +76,7 @@ def test_dispatch(monkeypatch):
         assert resolve_impl("fast", x) == "reference"  # bf16 matrix products: the reference's ops
     with warnings.catch_warnings():  # the argument checks read shapes: a trace records them as constants
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.trace: mlfast export still offers it
         traced = torch.jit.trace(lambda x0, w, b: cross_network(x0, w, b, impl="fast"),
                                  (torch.randn(4, 3), torch.randn(2, 3), torch.randn(2, 3)), check_trace=False)
     assert "CrossNetFunction" not in str(traced.graph) and "aten::mul" in str(traced.graph)  # no opaque step
