@@ -4,7 +4,7 @@ steps in ONE process on ONE engine (the same tables, batches and memory), so a s
 drift falls on both sides. Median ms per step with p20 / p80 and the ratio A / B.
 
     python bench/step_ab.py grads      # the embedding gradients packed into one [N, R] buffer vs read per peer
-    python bench/step_ab.py cross      # DCN's cross network: torch ops vs the fused pass
+    python bench/step_ab.py cross      # DCN's cross network: layer by layer vs the closed form
 
 Switches: ``grads`` (``packed``: the numba update handed one zero-filled [N, R] buffer the peers'
 gradients are copied into, the path before the per-peer read; ``per-peer``: today's path) and

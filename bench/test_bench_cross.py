@@ -1,10 +1,11 @@
-"""DCN's cross network on the CPU: the fused numba pass (``mlfast.ops.cross``) vs its torch reference.
+"""DCN's cross network on the CPU: the closed form (``mlfast.ops.cross``) vs the layer-by-layer reference.
 
 Timed round-robin in one process (``bench_common.time_round_robin``), median with p20 / p80 of wall
 time per call and the process CPU time, ratios between medians:
 
 * ``op``: forward + backward of the 3-layer cross network on x_0 [4096, 624] (DCN on 39 fields of
-  dim 16, the benchmark workload): ``reference`` (torch ops under autograd) and ``fast``.
+  dim 16, the benchmark workload): ``reference`` (layer by layer) and ``fast`` (closed form), both
+  torch ops under autograd.
 * ``step``: one training step of ``mlfast bench``'s DeepFM + DCN mutual workload (1.8 M rows per
   table, B = 4096, the fused engine) with ``MLFAST_CROSS=reference`` and ``fast``: what the op is
   worth in the whole step.
@@ -69,11 +70,6 @@ def table(rounds: int, whats: tuple[str, ...] = ("op", "step")) -> list[dict]:
     return rows
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _compiled():
-    cross.warmup()
-
-
 @pytest.mark.parametrize("method", METHODS)
 def test_bench_cross_op(benchmark, method):
     benchmark.extra_info.update(machine=machine(), what="op", method=method, B=B, D=D, layers=L)
@@ -86,7 +82,6 @@ def main() -> None:
     parser.add_argument("--what", default="op,step")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
-    cross.warmup()
     print(machine(), f"| torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"ms per call, wall median [p20, p80] and process CPU median over {args.rounds} round-robin rounds; "
           f"ratio = median / reference's")
