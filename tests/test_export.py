@@ -231,7 +231,7 @@ def test_a_file_that_fails_its_check_is_not_written(runs, tmp_path, monkeypatch)
     before = good.read_bytes()
     real = ex.expected_output
     monkeypatch.setattr(ex, "expected_output", lambda *a: real(*a) + 3e-5)
-    with pytest.raises(ExportMismatch, match=r"differs from Predictor.predict by 3\.\d+e-05 \(> 1e-05\)"):
+    with pytest.raises(ExportMismatch, match=r"differs from Predictor.predict by 3(\.\d+)?e-05 \(> 1e-05\)"):
         export_run(runs["criteo_hash"], good, peer="dcn", verify_rows=10)
     assert good.read_bytes() == before  # the earlier export stays
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.json"]  # no scratch folder left
