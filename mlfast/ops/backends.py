@@ -64,3 +64,22 @@ def select_backends(kernels: str = "auto", device: str | torch.device = "cpu", d
             raise ValueError(f"--kernels numba runs on the CPU, not {dev}")
         return Backends("torch", "numba", "reference", deterministic)
     return Backends("torch", "reference", "reference", deterministic)
+
+
+def choose_impl(impl: str, env_var: str, impls: tuple[str, ...], what: str) -> str:
+    """``impl`` checked against ``impls``; "auto" reads ``env_var`` (default: the first of ``impls``).
+    The one switch of the fused CPU ops (dropout, cross network) between their fast path and their
+    reference, for A/B runs.
+
+    Example::
+
+        >>> choose_impl("auto", "MLFAST_NO_SUCH_VAR", ("fast", "reference"), "dropout")
+        'fast'
+    """
+    if impl == "auto":
+        impl = os.environ.get(env_var, "") or impls[0]
+        if impl not in impls:
+            raise ValueError(f"environment variable {env_var}={impl!r}: expected one of {', '.join(impls)}")
+    elif impl not in impls:
+        raise ValueError(f"{what} impl {impl!r}: expected auto, {', '.join(impls)}")
+    return impl

@@ -25,9 +25,9 @@ and for the plain-PyTorch baselines of the benchmarks (``models.blocks.use_refer
 """
 from __future__ import annotations
 
-import os
-
 import torch
+
+from mlfast.ops.backends import choose_impl
 
 IMPLS = ("fast", "reference")
 ENV_VAR = "MLFAST_CROSS"
@@ -75,13 +75,7 @@ def resolve_impl(impl: str) -> str:
         >>> resolve_impl("auto"), resolve_impl("reference")
         ('fast', 'reference')
     """
-    if impl == "auto":
-        impl = os.environ.get(ENV_VAR, "") or "fast"
-        if impl not in IMPLS:
-            raise ValueError(f"environment variable {ENV_VAR}={impl!r}: expected one of {', '.join(IMPLS)}")
-    elif impl not in IMPLS:
-        raise ValueError(f"cross impl {impl!r}: expected auto, {', '.join(IMPLS)}")
-    return impl
+    return choose_impl(impl, ENV_VAR, IMPLS, "cross")
 
 
 def cross_network(x0: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, impl: str = "auto") -> torch.Tensor:

@@ -40,7 +40,6 @@ for dtypes other than float32, float64 and bfloat16.
 """
 from __future__ import annotations
 
-import os
 import sys
 
 import numpy as np
@@ -50,6 +49,7 @@ from numba import njit, types
 from numba.extending import overload
 from torch import nn
 
+from mlfast.ops.backends import choose_impl
 from mlfast.ops.threads import parallel_for
 
 IMPLS = ("fast", "reference")
@@ -303,12 +303,7 @@ def resolve_impl(impl: str, x: torch.Tensor) -> str:
     "auto" reads ``MLFAST_DROPOUT`` (default "fast"); "fast" falls back to "reference" off the CPU
     and for dtypes the numba kernels do not take (e.g. float16).
     """
-    if impl == "auto":
-        impl = os.environ.get(ENV_VAR, "") or "fast"
-        if impl not in IMPLS:
-            raise ValueError(f"environment variable {ENV_VAR}={impl!r}: expected one of {', '.join(IMPLS)}")
-    elif impl not in IMPLS:
-        raise ValueError(f"dropout impl {impl!r}: expected auto, {', '.join(IMPLS)}")
+    impl = choose_impl(impl, ENV_VAR, IMPLS, "dropout")
     if impl == "fast" and (x.device.type != "cpu" or x.dtype not in FAST_DTYPES):
         return "reference"
     return impl
