@@ -80,6 +80,9 @@ def test_bench_runs_every_implementation_on_the_cpu(tmp_path):
     by = {r["impl"]: r for r in saved["rows"]}
     assert set(by) == {"eager", "sparse", "mlfast", "mlp"} and all("samples_per_s" in r for r in by.values())
     assert by["mlfast"]["x_eager"] > 0 and by["mlfast"]["pct_of_mlp_bound"] > 0
+    il = by["mlfast"]["interleaved"]
+    assert il["mlfast_ms"] > 0 and il["mlp_ms"] > 0
+    assert by["mlfast"]["pct_of_mlp_bound_interleaved"] == pytest.approx(100 * il["mlp_ms"] / il["mlfast_ms"])
     assert by["mlfast"]["best_plain_missing"] == ["compile"] and by["mlfast"]["x_best_plain"] is None
     assert "avx512f" in saved["cpu_flags"] and saved["cpu"]
 
