@@ -53,7 +53,7 @@ else
     fi
     stage install 60 pip install --no-build-isolation --no-deps -e .
     TESTS=(tests/test_kernel_mutual_loss.py tests/test_kernel_embedding.py tests/test_kernel_sparse_update.py
-           tests/test_tables.py tests/test_engine.py tests/test_engine_cuda.py tests/test_models.py)
+           tests/test_tables.py tests/test_engine.py tests/test_engine_cuda.py tests/test_models.py tests/test_cross.py)
     RESULTS=bench/results
     # every implementation (compile included) at every workload, in one process: the ratios are same-run
     BENCH_STEP="--device cuda --impls eager,compile,sparse,mlfast,mlp --steps 20 --warmup 3"
