@@ -278,9 +278,9 @@ def ratios(rows: list[dict], workload: str) -> None:
 
 
 def run(impls: Sequence[str], workloads: Sequence[Workload], device: torch.device, steps: int, warmup: int,
-        log=print, bf16: bool = False, json_path: str | None = None, interleave: bool = True) -> dict:
+        log=print, bf16: bool = False, json_path: str | None = None) -> dict:
     """Time every impl on every workload; returns {"gpu", "torch", "triton", ..., "rows": [...]}.
-    With mlfast and mlp both timed (and ``interleave``), also their ratio timed in alternation
+    With mlfast and mlp both timed, also their ratio timed in alternation
     (`interleaved_bound`): the mlfast row's ``pct_of_mlp_bound_interleaved``."""
     result = {**environment(device), "config": {
         "fields": NUM_FIELDS, "embedding_dim": 16, "mlp": [400, 400, 400], "dcn_layers": 3,
@@ -304,7 +304,7 @@ def run(impls: Sequence[str], workloads: Sequence[Workload], device: torch.devic
                 + (f"  x{r['x_eager']:.2f} eager" if r.get("x_eager") else ""))
             _write(json_path, result)
         ratios(rows, wl.name)
-        if interleave and {"mlfast", "mlp"} <= set(impls):
+        if {"mlfast", "mlp"} <= set(impls):
             mine = next((r for r in rows if r["workload"] == wl.name and r["impl"] == "mlfast" and "error" not in r), None)
             try:
                 il = interleaved_bound(wl, device, bf16=bf16)

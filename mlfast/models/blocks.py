@@ -63,8 +63,8 @@ def pair_indices(num_fields: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def use_reference_ops(module: nn.Module) -> int:
-    """Run every fused CPU op inside ``module`` (ReLU + dropout, DCN's cross network) by its plain
-    torch reference; returns how many modules changed. The benchmarks' plain-PyTorch baselines use
+    """Run every op inside ``module`` that mlfast computes its own way (the fused ReLU + dropout, the
+    closed-form cross network) by its plain reference; returns how many modules changed. The benchmarks' plain-PyTorch baselines use
     this: they must not get mlfast's own ops for free.
 
     Example::
@@ -221,7 +221,7 @@ class CrossNet(nn.Module):
         self.impl = impl  # "auto" | "fast" | "reference": see mlfast.ops.cross.resolve_impl
 
     def forward(self, x0: torch.Tensor) -> torch.Tensor:
-        # one fused pass over the rows on the CPU (mlfast.ops.cross); cross_reference is the formula above
+        # in closed form (mlfast.ops.cross); cross_reference is the layer loop of the docstring
         return cross_network(x0, self.weight, self.bias, self.impl)
 
 

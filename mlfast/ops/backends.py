@@ -68,7 +68,7 @@ def select_backends(kernels: str = "auto", device: str | torch.device = "cpu", d
 
 def choose_impl(impl: str, env_var: str, impls: tuple[str, ...], what: str) -> str:
     """``impl`` checked against ``impls``; "auto" reads ``env_var`` (default: the first of ``impls``).
-    The one switch of the fused CPU ops (dropout, cross network) between their fast path and their
+    The one switch of mlfast's own ops (dropout, cross network) between their fast path and their
     reference, for A/B runs.
 
     Example::

@@ -263,8 +263,8 @@ def sparse_update(
     repeats allowed) are the looked-up rows and ``grads`` their gradients (cast to float32 if
     needed): one [N, W] tensor (padding columns ignored), or one tensor of N x W_k elements per
     segment k of ``state.segments`` (the peers' gradients as the lookup's backward gets them: read in
-    place, never packed into one buffer). ``state.step`` is incremented even when ``ids`` is empty. Ids outside [0, V) raise
-    ``ValueError`` before anything (the step counter included) is touched.
+    place, never packed into one buffer). ``state.step`` is incremented even when ``ids`` is empty.
+    Ids outside [0, V) raise ``ValueError`` before anything (the step counter included) is touched.
 
     Example::
 
