@@ -17,13 +17,14 @@ import contextlib
 import json
 import os
 import sys
-import time
 from typing import Callable, Iterator
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_common import machine, quantile  # noqa: E402
+
+from mlfast.bench import alternate_blocks  # noqa: E402
 
 B = 4096
 _ENGINE: list = []
@@ -91,21 +92,17 @@ SWITCHES = {
 
 
 def ab(switch: str, rounds: int = 12, block: int = 4) -> dict:
-    """Alternate the switch's two settings (order flipped every round), ``block`` timed steps each
-    after one untimed step; per-step ms of every block."""
+    """Alternate the switch's two settings (`mlfast.bench.alternate_blocks`: order flipped every
+    round, ``block`` timed steps each after one untimed step); median, p20, p80 ms per step."""
     step = engine_step()
     sides = SWITCHES[switch]
-    names = list(sides)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(rounds):
-        for name in (names if r % 2 == 0 else names[::-1]):
-            with sides[name]():
-                step()
-                t0 = time.perf_counter()
-                for _ in range(block):
-                    step()
-                times[name].append((time.perf_counter() - t0) / block * 1e3)
-    a, b = names
+
+    def run(name: str) -> None:
+        with sides[name]():
+            step()
+
+    times = alternate_blocks(run, list(sides), rounds, block)
+    a, b = list(sides)
     res = {"switch": switch, "machine": machine(), "threads": torch.get_num_threads(), "rounds": rounds,
            "block": block, "sides": {n: {"median_ms": quantile(t, 0.5), "p20_ms": quantile(t, 0.2),
                                          "p80_ms": quantile(t, 0.8)} for n, t in times.items()}}

@@ -30,7 +30,7 @@ import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -198,14 +198,39 @@ def time_engine(impl: str, wl: Workload, device: torch.device, steps: int = 30, 
     }
 
 
+def alternate_blocks(run: Callable[[str], object], names: Sequence[str], rounds: int, block: int,
+                     sync: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
+    """ms per step of each side, per block: the sides take turns in blocks of ``block`` timed calls
+    of ``run(name)`` (the order flipped every round), each block after one untimed call (the first
+    step after a switch finds the caches full of the other side's data). The one alternation loop of
+    `interleaved_bound` and ``bench/step_ab.py``.
+
+    Example::
+
+        >>> sorted(alternate_blocks(lambda name: None, ["a", "b"], rounds=2, block=1))
+        ['a', 'b']
+    """
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in (list(names) if r % 2 == 0 else list(names)[::-1]):
+            run(name)  # untimed: back in cache after the other side's block
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(block):
+                run(name)
+            sync()
+            times[name].append((time.perf_counter() - t0) / block * 1e3)
+    return times
+
+
 def interleaved_bound(wl: Workload, device: torch.device, rounds: int = 6, block: int = 4, warmup: int = 3,
                       seed: int = 0, bf16: bool = False) -> dict:
     """mlfast's step against the MLP bound timed in alternation (blocks of ``block`` steps, the order
     flipped every round) in one process: a machine whose speed drifts between the two separate
-    timings of ``time_engine`` skews their ratio; here the drift falls on both. Each block starts
-    with one untimed step: the first step after a switch finds the caches full of the other side's
-    data (measured: 156 ms against 93 for mlfast at 1.8 M rows, B=1024, blocks of 3 all timed).
-    Median ms per step of each and ``pct`` = 100 * bound ms / mlfast ms."""
+    timings of ``time_engine`` skews their ratio; here the drift falls on both (`alternate_blocks`;
+    without its untimed step after each switch, mlfast's blocks of 3 averaged 156 ms per step at
+    1.8 M rows, B=1024, against 93 ms timed alone). Median ms per step of each and ``pct`` =
+    100 * bound ms / mlfast ms."""
     sides = {}
     for impl in ("mlfast", "mlp"):
         engine, schema = build(impl, wl, device, bf16, seed)
@@ -213,18 +238,16 @@ def interleaved_bound(wl: Workload, device: torch.device, rounds: int = 6, block
         batches = random_batches(schema, wl.batch, 8, device, seed)
         for i in range(warmup):
             step(batches[i % len(batches)])
-        sides[impl] = (step, batches, [])
-    for r in range(rounds):
-        for impl in (("mlfast", "mlp") if r % 2 == 0 else ("mlp", "mlfast")):
-            step, batches, times = sides[impl]
-            step(batches[r % len(batches)])  # untimed: back in cache after the other side's block
-            _sync(device)
-            t0 = time.perf_counter()
-            for i in range(block):
-                step(batches[(r * block + i) % len(batches)])
-            _sync(device)
-            times.append((time.perf_counter() - t0) / block * 1e3)
-    ms = {impl: float(np.median(t)) for impl, (_, _, t) in sides.items()}
+        sides[impl] = (step, batches)
+    calls = {impl: 0 for impl in sides}
+
+    def run(impl: str) -> None:
+        step, batches = sides[impl]
+        step(batches[calls[impl] % len(batches)])
+        calls[impl] += 1
+
+    times = alternate_blocks(run, ("mlfast", "mlp"), rounds, block, lambda: _sync(device))
+    ms = {impl: float(np.median(t)) for impl, t in times.items()}
     return {"mlfast_ms": ms["mlfast"], "mlp_ms": ms["mlp"], "pct": 100.0 * ms["mlp"] / ms["mlfast"],
             "rounds": rounds, "block": block}
 
