@@ -38,6 +38,7 @@ from torch import nn
 
 from mlfast.io.batches import Batch
 from mlfast.models import FeatureSchema, build_model, parse_peers
+from mlfast.ops.allocator import tune_malloc
 from mlfast.train.baselines import CompiledPlainEngine, TorchSparseEngine
 from mlfast.train.config import TrainConfig
 from mlfast.train.engine import FusedEngine, PlainEngine, build_group
@@ -305,7 +306,8 @@ def run(impls: Sequence[str], workloads: Sequence[Workload], device: torch.devic
     """Time every impl on every workload; returns {"gpu", "torch", "triton", ..., "rows": [...]}.
     With mlfast and mlp both timed, also their ratio timed in alternation
     (`interleaved_bound`): the mlfast row's ``pct_of_mlp_bound_interleaved``."""
-    result = {**environment(device), "config": {
+    # the heap settings training runs with (mlfast.ops.allocator), for every impl alike
+    result = {**environment(device), "malloc": tune_malloc(), "config": {
         "fields": NUM_FIELDS, "embedding_dim": 16, "mlp": [400, 400, 400], "dcn_layers": 3,
         "mutual": "kl", "optimizer": "adam lr=1e-3", "precision": "bf16" if bf16 else "fp32", "steps": steps,
         "warmup": warmup}, "rows": []}

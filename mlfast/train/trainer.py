@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from mlfast.models import FeatureSchema, PeerSpec
+from mlfast.ops.allocator import tune_malloc
 from mlfast.ops.backends import Backends
 from mlfast.train import checkpoint as ckpt
 from mlfast.train.config import TrainConfig
@@ -161,6 +162,7 @@ class MutualTrainer:
         self.labels = [s.label or s.model for s in self.specs]
         self.schema = schema
         self.device = resolve_device(device if device is not None else cfg.device)
+        tune_malloc()  # each step's freed buffers stay mapped for the next (mlfast.ops.allocator)
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         configure_determinism(cfg.deterministic)
