@@ -5,10 +5,11 @@ drift falls on both sides. Median ms per step with p20 / p80 and the ratio A / B
 
     python bench/step_ab.py grads      # the embedding gradients packed into one [N, R] buffer vs read per peer
     python bench/step_ab.py cross      # DCN's cross network: layer by layer vs the closed form
+    python bench/step_ab.py linear     # the dense layers: F.linear (BLAS) vs oneDNN's matmul
 
 Switches: ``grads`` (``packed``: the numba update handed one zero-filled [N, R] buffer the peers'
 gradients are copied into, the path before the per-peer read; ``per-peer``: today's path) and
-``cross`` (``MLFAST_CROSS=reference`` vs ``fast``).
+``cross`` (``MLFAST_CROSS=reference`` vs ``fast``), ``linear`` (``MLFAST_LINEAR=reference`` vs ``fast``).
 """
 from __future__ import annotations
 
@@ -88,6 +89,7 @@ def packed_grads() -> Iterator[None]:
 SWITCHES = {
     "grads": {"packed": packed_grads, "per-peer": contextlib.nullcontext},
     "cross": {"reference": lambda: env("MLFAST_CROSS", "reference"), "fast": lambda: env("MLFAST_CROSS", "fast")},
+    "linear": {"reference": lambda: env("MLFAST_LINEAR", "reference"), "fast": lambda: env("MLFAST_LINEAR", "fast")},
 }
 
 

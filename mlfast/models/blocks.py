@@ -17,6 +17,7 @@ from torch import nn
 
 from mlfast.ops.cross import cross_network
 from mlfast.ops.dropout import ReLUDropout
+from mlfast.ops.linear import Linear
 
 BilinearType = Literal["field_all", "field_each", "field_interaction"]
 
@@ -31,9 +32,10 @@ def xavier_init_(module: nn.Module) -> nn.Module:
     return module
 
 
-def linear(in_features: int, out_features: int, bias: bool = True) -> nn.Linear:
-    """``nn.Linear`` with FuxiCTR's initialisation."""
-    return xavier_init_(nn.Linear(in_features, out_features, bias=bias))  # type: ignore[return-value]
+def linear(in_features: int, out_features: int, bias: bool = True) -> Linear:
+    """A dense layer with FuxiCTR's initialisation: ``mlfast.ops.linear.Linear``, an ``nn.Linear``
+    whose CPU products run through oneDNN."""
+    return xavier_init_(Linear(in_features, out_features, bias=bias))  # type: ignore[return-value]
 
 
 def check_positive(model: str, **values: int | Sequence[int]) -> None:
@@ -64,17 +66,18 @@ def pair_indices(num_fields: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def use_reference_ops(module: nn.Module) -> int:
     """Run every op inside ``module`` that mlfast computes its own way (the fused ReLU + dropout, the
-    closed-form cross network) by its plain reference; returns how many modules changed. The benchmarks' plain-PyTorch baselines use
+    closed-form cross network, the oneDNN dense layers) by its plain reference; returns how many
+    modules changed. The benchmarks' plain-PyTorch baselines use
     this: they must not get mlfast's own ops for free.
 
     Example::
 
         >>> use_reference_ops(nn.Sequential(CrossNet(4), MLP(4, (3,), dropout=0.1)))
-        2
+        4
     """
     n = 0
     for m in module.modules():
-        if isinstance(m, (CrossNet, ReLUDropout)):
+        if isinstance(m, (CrossNet, ReLUDropout, Linear)):
             m.impl = "reference"
             n += 1
     return n
