@@ -12,11 +12,13 @@ Example (runs as is from the repository root)::
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
 import logging
 import shutil
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -361,8 +363,20 @@ class Session:
                       "vocab": prep.vocab.to_state() if prep.vocab is not None else None}
 
     def evaluate(self, trainer: MutualTrainer) -> dict[str, Any]:
-        return {name: (trainer.evaluate(self.loaders[name]) if self.loaders[name] is not None else None)
-                for name in ("valid", "test")}
+        """{"valid": metrics, "test": metrics} of the trainer's weights (None for a split not given).
+        The validation split is not predicted again when the run ended on the weights it validated
+        last (``trainer.final_valid``): those metrics are the ones it would compute."""
+        out = {}
+        for name in ("valid", "test"):
+            loader = self.loaders[name]
+            fv = getattr(trainer, "final_valid", None)
+            if loader is None:
+                out[name] = None
+            elif name == "valid" and fv is not None and fv[0] is loader:
+                out[name] = copy.deepcopy(fv[1])
+            else:
+                out[name] = trainer.evaluate(loader)
+        return out
 
     def predictions(self, trainer: MutualTrainer) -> dict[str, tuple[np.ndarray, np.ndarray] | None]:
         """{split: (probabilities [N, P], labels [N])} for valid and test."""
@@ -715,6 +729,31 @@ def _stopped(out_dir: Path) -> str:
     return f"stopped: {s.get('stopped', '?')} at step {s.get('steps', '?')}"
 
 
+def _plot_in_background(history: list[dict], specs: Sequence[PeerSpec], cfg: TrainConfig,
+                        out_dir: Path | None) -> Callable[[], None]:
+    """Start rendering ``curves.png`` on a thread (it needs only the finished history, so it overlaps
+    the test evaluation); returns the wait for it, which raises the plot's error if it failed."""
+    if out_dir is None:
+        return lambda: None
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            plot_curves(history, [p.label for p in specs], out_dir / "curves.png",
+                        title=f"{'+'.join(p.label for p in specs)} ({cfg.mutual}, alpha={cfg.alpha})")
+        except BaseException as e:  # noqa: BLE001 - raised on the waiting thread
+            errors.append(e)
+
+    thread = threading.Thread(target=run, name="mlfast-plot", daemon=True)
+    thread.start()
+
+    def wait() -> None:
+        thread.join()
+        if errors:
+            raise errors[0]
+    return wait
+
+
 def _train(s: Session, specs: list[PeerSpec], cfg: TrainConfig, out_dir: Path | None, resume: bool,
            say: Callable, t_start: float) -> FitResult:
     metrics: dict[str, Any] = {"peers": [p.label for p in specs], "regime": cfg.regime, "batch_size": s.batch_size}
@@ -723,6 +762,7 @@ def _train(s: Session, specs: list[PeerSpec], cfg: TrainConfig, out_dir: Path | 
         (out_dir / "finished.json").unlink(missing_ok=True)
     if cfg.regime == "joint":
         final, summary = s.train_group(specs, out_dir, resume=resume)
+        plotted = _plot_in_background(final.progress.history, specs, cfg, out_dir)
         metrics.update(s.evaluate(final), train=summary)
     else:
         solo_states, solo_metrics, solo_summaries, _ = s.pretrain(specs, out_dir, resume)
@@ -733,6 +773,7 @@ def _train(s: Session, specs: list[PeerSpec], cfg: TrainConfig, out_dir: Path | 
                                    {k: mutual[split][k] for k in solo_metrics})
         metrics.update(mutual, solo=solo_metrics, solo_train=solo_summaries, train=summary,
                        solo_vs_mutual={"split": split, "rows": rows})
+        plotted = _plot_in_background(final.progress.history, specs, cfg, out_dir)
     history = final.progress.history
     tr = metrics["train"]
     metrics["timing"] = {"read_and_setup": round(t_train - t_start, 3), "training": round(tr["train_seconds"], 3),
@@ -744,8 +785,7 @@ def _train(s: Session, specs: list[PeerSpec], cfg: TrainConfig, out_dir: Path | 
                                                         **final._meta()})
         ckpt.write_json(out_dir / "metrics.json", metrics)
         write_curves_csv(history, out_dir / "curves.csv")
-        plot_curves(history, [p.label for p in specs], out_dir / "curves.png",
-                    title=f"{'+'.join(p.label for p in specs)} ({cfg.mutual}, alpha={cfg.alpha})")
+        plotted()
         ckpt.fault_point("before_finished")
         ckpt.write_json(out_dir / "finished.json", {"epochs": cfg.epochs, "finetune_epochs": cfg.finetune_epochs,
                                                     "patience": cfg.patience,

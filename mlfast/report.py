@@ -77,13 +77,12 @@ def write_curves_csv(history: Sequence[dict], path: str | Path) -> None:
 
 
 def plot_curves(history: Sequence[dict], peers: Sequence[str], path: str | Path, title: str = "") -> None:
-    """Training loss and per-peer validation AUC against step, as a PNG."""
-    import matplotlib
+    """Training loss and per-peer validation AUC against step, as a PNG. A bare ``Figure`` (no
+    pyplot, no global state, no GUI backend), so it may run on any thread."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_loss, ax_auc) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    ax_loss, ax_auc = fig.subplots(1, 2)
     tr = [r for r in history if "train_loss" in r]
     if tr:
         ax_loss.plot([r["step"] for r in tr], [r["train_loss"] for r in tr], color="black")
@@ -105,7 +104,6 @@ def plot_curves(history: Sequence[dict], peers: Sequence[str], path: str | Path,
         fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 class TensorBoardScalars:

@@ -143,6 +143,31 @@ def test_early_stopping_and_lr_decay(synth_small):
     assert t.evaluate(va)["lr"]["auc"] == pytest.approx(best)  # best weights restored
 
 
+def test_final_validation_is_reused_only_for_the_weights_it_scored(synth_small, tmp_path):
+    """A run that ends on its best (validated at the last step) hands that validation on as
+    ``final_valid``: equal to predicting the split again. A run whose best came earlier does not;
+    nor does one whose early stop restored earlier weights. And last.pt is written once at the
+    end-of-epoch validation, not again when the run completes."""
+    schema = FeatureSchema.from_data(synth_small)
+    tr, va, _ = loaders(synth_small)
+    specs = parse_peers("deepfm,dcn")
+    cfg = TrainConfig(peers=[str(s) for s in specs], epochs=1, progress=False)
+    t = MutualTrainer(specs, schema, cfg)
+    s = t.fit(tr, va, tmp_path / "run")
+    assert all(b == s["steps"] for b in s["best_step"].values())
+    assert t.final_valid is not None and t.final_valid[0] is va
+    assert t.final_valid[1] == t.evaluate(va)
+    assert s["checkpoint_seconds"]["writes"] == 2  # best.pt and last.pt at the validation, nothing after
+    # the best was earlier: the weights restored are not the ones validated last
+    t.progress.best_step[0] = 0
+    t.finish()
+    assert t.final_valid is None
+    lr = MutualTrainer(parse_peers("lr"), schema, TrainConfig(peers=["lr"], epochs=30, lr=3.0, patience=2,
+                                                              progress=False, eval_every=5, max_loss=1e6))
+    lr.fit(tr, va)
+    assert lr.progress.stopped == "early_stopping" and lr.final_valid is None
+
+
 def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(synth_small, tmp_path):
     schema = FeatureSchema.from_data(synth_small)
     tr, va, _ = loaders(synth_small)

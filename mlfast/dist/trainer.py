@@ -217,6 +217,7 @@ class DistTrainer(MutualTrainer):
             "best_markers": [b is not None for b in self.best],
         }
         self.writer.submit(store.path(pr.step), state)
+        self._saved_at = (pr.step, pr.epoch, pr.batch)
         store.collect_garbage()
         if sync:
             self.writer.flush()

@@ -189,6 +189,10 @@ class MutualTrainer:
         self._extra_state: dict = {}
         self._warned_undefined = False
         self.finished_on_best = False
+        # (validation loader, its metrics) when the weights `finish` left are the ones last validated
+        self.final_valid: tuple[Any, dict] | None = None
+        self._last_valid: tuple[int, Any, dict] | None = None  # (step, loader, metrics) of the last validation
+        self._saved_at: tuple[int, int, int] | None = None  # (step, epoch, batch) of the last last.pt
 
     def build_engine(self, specs: Sequence[PeerSpec], schema: FeatureSchema, cfg: TrainConfig, device: torch.device,
                      seeds: Sequence[int], *, lr: float, engine: str | None, backends: Backends | None,
@@ -294,7 +298,9 @@ class MutualTrainer:
                     pr.stopped = "completed"
                 clock.stop()
                 self._check_health()
-                if out is not None:
+                # last.pt is already this state when the run ended on a validation (which saves it):
+                # resuming from it ends at once all the same
+                if out is not None and self._saved_at != (pr.step, pr.epoch, pr.batch):
                     self.save_training_state(out)
         finally:
             clock.stop()
@@ -308,9 +314,14 @@ class MutualTrainer:
         """Restore each peer's best weights (when validation ran) and summarise the run."""
         pr = self.progress
         self.finished_on_best = False
+        self.final_valid = None
         if all(b is not None for b in self.best):
             self.restore_best()
             self.finished_on_best = True
+            last = self._last_valid
+            if last is not None and last[0] == pr.step and all(b == pr.step for b in pr.best_step):
+                # every peer's best is the state validated last, so the weights now are those it scored
+                self.final_valid = (last[1], copy.deepcopy(last[2]))
         return {
             "steps": pr.step,
             "samples": pr.samples,
@@ -393,6 +404,7 @@ class MutualTrainer:
             self._read_losses(reporter)  # the training loss up to this evaluation, in the same history
         self._check_health()
         metrics = self.evaluate(valid)
+        self._last_valid = (pr.step, valid, metrics)
         if pr.metric == "auc" and any(m["auc"] is None for m in metrics.values()):
             pr.metric = "logloss"
             pr.best_score = [-math.inf] * len(self.labels)
@@ -476,6 +488,7 @@ class MutualTrainer:
             "best": list(self.best),
         }
         self.writer.submit(out / "last.pt", state)
+        self._saved_at = (pr.step, pr.epoch, pr.batch)
         if sync:
             self.writer.flush()
 
