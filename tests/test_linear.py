@@ -62,6 +62,8 @@ def test_where_the_reference_runs(monkeypatch):
     assert not takes_fast_path(x, w, impl="reference")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not takes_fast_path(x, w)  # bf16 autocast keeps F.linear (and its bf16 kernels)
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert not takes_fast_path(x, w)
     monkeypatch.setenv(lin.ENV_VAR, "reference")
     assert not takes_fast_path(x, w)
     monkeypatch.setenv(lin.ENV_VAR, "bogus")

@@ -10,7 +10,8 @@ gradient 8.1 -> 3.4 ms, weight gradient 8.5 -> 5.4 ms; [4096, 624] x [624, 400] 
 
 `Linear` is an ``nn.Linear`` (same parameters, initialisation and state_dict) whose forward and
 backward are three such products: y = x W^T + b, dL/dx = g W, dL/dW = g^T x (dL/db = sum g). It
-takes this path for float32 CPU tensors outside autocast, tracing, export and ``torch.compile``;
+takes this path for float32 CPU tensors outside autocast, tracing, export and ``torch.compile``
+(and unless ``torch.backends.mkldnn.flags(enabled=False)`` is in force);
 everything else (CUDA, bf16 autocast, the exporters) runs ``F.linear``, which is also the reference
 the tests compare it with (tests/test_linear.py). Both are fp32 products with fp32 accumulation:
 they agree to float rounding, not bitwise.
@@ -84,7 +85,8 @@ def takes_fast_path(x: torch.Tensor, weight: torch.Tensor, impl: str = "auto") -
         return False
     return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and weight.device.type == "cpu" and x.numel() > 0 and not torch.is_autocast_enabled("cpu")
-            and resolve_impl(impl) == "fast" and onednn_available())
+            and resolve_impl(impl) == "fast" and onednn_available()
+            and torch._C._get_mkldnn_enabled())  # torch.backends.mkldnn.flags(enabled=False) is obeyed
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, impl: str = "auto") -> torch.Tensor:
