@@ -56,6 +56,7 @@ def test_non_contiguous_inputs_and_a_stride_zero_gradient(gen):
     torch.testing.assert_close(wf.grad, wr.grad, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN:UserWarning")  # mkldnn.flags' own
 def test_where_the_reference_runs(monkeypatch):
     x, w = torch.randn(4, 3), torch.randn(2, 3)
     assert not takes_fast_path(x.double(), w.double())
@@ -72,6 +73,7 @@ def test_where_the_reference_runs(monkeypatch):
 
 
 @needs_onednn
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace:DeprecationWarning")
 def test_traced_modules_record_the_reference_op():
     m = Linear(3, 2).eval()
     traced = torch.jit.trace(m, torch.randn(4, 3))
