@@ -34,7 +34,6 @@ import numpy as np
 import torch
 
 from mlfast.dist.comm import Comm
-from mlfast.ops.counter_rng import normal_rows
 from mlfast.ops.embedding import Bags, TableLayout, check_bags, lookup
 from mlfast.train.tables import PeerTables
 
@@ -76,24 +75,9 @@ class ShardedPeerTables(PeerTables):
     def meta(self) -> dict[str, Any]:
         return {**super().meta(), "shard": self.shard, "shards": self.shards, "global_rows": self.global_rows}
 
-    @torch.no_grad()
-    def _init_rows(self, rows: np.ndarray, peers: Sequence[int] | None = None) -> None:
-        """`PeerTables._init_rows` with the counter RNG keyed by the global row."""
-        if len(rows) == 0:
-            return
-        rows = np.ascontiguousarray(rows, np.int64)
-        keys = rows * self.shards + self.shard
-        block = torch.zeros(len(rows), self.layout.row_width, dtype=torch.float32)
-        for p in range(self.num_peers) if peers is None else peers:
-            c = self.layout.columns(p)
-            normal_rows(self.seeds[p], keys, self.widths[p], self.init_std, out=block.numpy(), col0=c.start)
-        idx = torch.from_numpy(rows).to(self.weight.device)
-        if peers is None:
-            self.weight.index_copy_(0, idx, block.to(self.weight.device))
-        else:
-            for p in peers:
-                c = self.layout.columns(p)
-                self.weight[idx, c] = block[:, c].to(self.weight.device)
+    def _row_keys(self, rows: np.ndarray) -> np.ndarray:
+        """The counter RNG is keyed by the global row: a row starts the same on any shard count."""
+        return rows * self.shards + self.shard
 
     # lookup ----------------------------------------------------------------------------------
     def forward(self, ids: torch.Tensor, bags: Bags = ()) -> list[torch.Tensor]:

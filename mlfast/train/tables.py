@@ -151,16 +151,22 @@ class PeerTables(_TableBase):
             self._init_all()
 
     # initialisation --------------------------------------------------------------------------
+    def _row_keys(self, rows: np.ndarray) -> np.ndarray:
+        """The counter stream's row for each table row (its own index; a shard's: the global row)."""
+        return rows
+
     @torch.no_grad()
     def _init_rows(self, rows: np.ndarray, peers: Sequence[int] | None = None) -> None:
         """Write the initial values of ``rows`` (all peers, or ``peers``) into the table."""
         if len(rows) == 0:
             return
+        rows = np.ascontiguousarray(rows, np.int64)
+        keys = self._row_keys(rows)
         block = torch.zeros(len(rows), self.layout.row_width, dtype=torch.float32)
         for p in range(self.num_peers) if peers is None else peers:
             c = self.layout.columns(p)
-            normal_rows(self.seeds[p], rows, self.widths[p], self.init_std, out=block.numpy(), col0=c.start)
-        idx = torch.from_numpy(np.ascontiguousarray(rows, np.int64)).to(self.weight.device)
+            normal_rows(self.seeds[p], keys, self.widths[p], self.init_std, out=block.numpy(), col0=c.start)
+        idx = torch.from_numpy(rows).to(self.weight.device)
         if peers is None:
             self.weight.index_copy_(0, idx, block.to(self.weight.device))
         else:
