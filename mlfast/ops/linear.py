@@ -4,9 +4,9 @@ PyTorch's CPU ``F.linear`` and its backward run fp32 products through its BLAS (
 wheels). On the AMD EPYC (Zen 5, AVX-512) machines this project runs on, MKL takes a path at about
 half the speed of oneDNN's matmul (bundled with the same wheel, ``torch.ops.mkldnn._linear_pointwise``,
 the op Inductor's CPU backend emits for linear layers). Measured there, 2 cores, the MLP shapes of
-the benchmark (B=4096, median of 15): [4096, 400] x [400, 400] forward 8.3 -> 3.6 ms, input
-gradient 8.1 -> 3.4 ms, weight gradient 8.5 -> 5.4 ms; [4096, 624] x [624, 400] 11.7 -> 5.8,
-12.3 -> 5.0, 12.3 -> 7.1 ms.
+the benchmark (``bench/test_bench_linear.py``, B=4096, 20 round-robin rounds): [4096, 400] x
+[400, 400] forward 8.15 -> 3.90 ms, input gradient 8.12 -> 4.00 ms, weight gradient 8.03 -> 6.34
+ms, a layer's forward + backward 24.3 -> 14.1 ms; [4096, 624] -> 400: 36.4 -> 19.4 ms.
 
 `Linear` is an ``nn.Linear`` (same parameters, initialisation and state_dict) whose forward and
 backward are three such products: y = x W^T + b, dL/dx = g W, dL/dW = g^T x (dL/db = sum g). It
