@@ -3,12 +3,12 @@
 A CPU training step allocates and frees the same activations and gradients every step (a few to a
 few tens of MB each at B=4096). With glibc's defaults the heap's free top is handed back to the
 OS when it passes the trim threshold (and buffers past the mmap threshold are unmapped on free), so
-the next step faults the same memory in again, 4 KiB and one zeroing at a time: 3,400-13,300 minor
-faults per step measured on mlfast's DeepFM + DCN step (1.8M rows, B=4096, 2-core Xeon), none
-after these settings, and the step 1.08-1.11x faster (three alternated process pairs, 267/252/241 ms
-default vs 247/226/217 ms tuned; the settings given through glibc's environment variables). What
-remains is the heap's top growing past its old extent now and then: 35-130 faults per step. What it costs: up to ``TRIM_THRESHOLD`` of freed memory may stay
-in the process instead of going back to the OS.
+the next step faults the same memory in again, 4 KiB and one zeroing at a time. Measured on
+mlfast's DeepFM + DCN step (1.8M rows, B=4096, 2-core AMD EPYC; ``bench/step_malloc.py``, three
+alternated process pairs): 9,700-15,400 minor faults per step with glibc's defaults, 45-300 with
+these settings (the heap's top still grows past its old extent now and then), and the step
+1.11-1.19x faster. What it costs: up to ``TRIM_THRESHOLD`` of freed memory may stay in the process
+instead of going back to the OS.
 
 Only glibc's allocator is touched (Linux); elsewhere, or where the user chose the settings
 (``MALLOC_*_`` variables, ``GLIBC_TUNABLES``, a preloaded allocator), nothing changes.
