@@ -6,10 +6,12 @@ drift falls on both sides. Median ms per step with p20 / p80 and the ratio A / B
     python bench/step_ab.py grads      # the embedding gradients packed into one [N, R] buffer vs read per peer
     python bench/step_ab.py cross      # DCN's cross network: layer by layer vs the closed form
     python bench/step_ab.py linear     # the dense layers: F.linear (BLAS) vs oneDNN's matmul
+    python bench/step_ab.py split      # a peer's rows split by two slices vs one split
 
 Switches: ``grads`` (``packed``: the numba update handed one zero-filled [N, R] buffer the peers'
 gradients are copied into, the path before the per-peer read; ``per-peer``: today's path) and
-``cross`` (``MLFAST_CROSS=reference`` vs ``fast``), ``linear`` (``MLFAST_LINEAR=reference`` vs ``fast``).
+``cross`` (``MLFAST_CROSS=reference`` vs ``fast``), ``linear`` (``MLFAST_LINEAR=reference`` vs ``fast``),
+``split`` (``slices``: ``split_embedded`` as two slices, the old path; ``split``: today's).
 """
 from __future__ import annotations
 
@@ -86,10 +88,29 @@ def packed_grads() -> Iterator[None]:
         cs.sparse_update = real
 
 
+@contextlib.contextmanager
+def sliced_rows() -> Iterator[None]:
+    """Each peer's rows split into vectors and first-order weights by two slices (the old path)."""
+    from mlfast.models.base import CTRModel
+
+    real = CTRModel.split_embedded
+
+    def sliced(self, emb):
+        real(self, emb)  # its checks
+        return (emb[..., :-1], emb[..., -1]) if self.uses_linear else (emb, None)
+
+    CTRModel.split_embedded = sliced
+    try:
+        yield
+    finally:
+        CTRModel.split_embedded = real
+
+
 SWITCHES = {
     "grads": {"packed": packed_grads, "per-peer": contextlib.nullcontext},
     "cross": {"reference": lambda: env("MLFAST_CROSS", "reference"), "fast": lambda: env("MLFAST_CROSS", "fast")},
     "linear": {"reference": lambda: env("MLFAST_LINEAR", "reference"), "fast": lambda: env("MLFAST_LINEAR", "fast")},
+    "split": {"slices": sliced_rows, "split": contextlib.nullcontext},
 }
 
 
