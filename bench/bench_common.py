@@ -1,6 +1,7 @@
 """Helpers the benchmark scripts share: the machine description recorded with each table,
 order-statistic quantiles (median, p20, p80) of a list of timings, round-robin timing of CPU
-alternatives in one process (``time_round_robin``), ONE timing method for kernels and
+alternatives in one process (``time_round_robin``, its table rows ``round_robin_rows`` and their
+printout ``print_rows``), ONE timing method for kernels and
 their baselines (``time_ms``), the device-copy yardstick of the same bytes (``copy_ms``), and a JSON
 results file rewritten after every case (``ResultsFile``), so a run cut short keeps what it measured.
 """
@@ -11,7 +12,7 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 
 def quantile(xs: list[float], q: float) -> float:
@@ -143,3 +144,31 @@ def time_round_robin(steps: dict[str, Callable[[], object]], rounds: int,
             wall[name].append(time.perf_counter() - t0)
             cpu[name].append(time.process_time() - c0)
     return wall, cpu
+
+
+def round_robin_rows(steps: dict[str, Callable[[], object]], rounds: int, baseline: str, **labels) -> list[dict]:
+    """`time_round_robin` of ``steps``, one row per step: ``labels``, the step's name as ``method``,
+    median / p20 / p80 wall ms and median process-CPU ms, and both medians as ratios to
+    ``baseline``'s."""
+    import torch
+
+    wall, cpu = time_round_robin(steps, rounds)
+    ref, ref_cpu = quantile(wall[baseline], 0.5), quantile(cpu[baseline], 0.5)
+    rows = []
+    for m in steps:
+        med, med_cpu = quantile(wall[m], 0.5), quantile(cpu[m], 0.5)
+        rows.append({**labels, "method": m, "median_ms": 1e3 * med, "p20_ms": 1e3 * quantile(wall[m], 0.2),
+                     "p80_ms": 1e3 * quantile(wall[m], 0.8), "ratio": med / ref, "cpu_ms": 1e3 * med_cpu,
+                     "cpu_ratio": med_cpu / ref_cpu, "baseline": baseline, "rounds": rounds,
+                     "threads": torch.get_num_threads()})
+    return rows
+
+
+def print_rows(rows: list[dict], labels: Sequence[tuple[str, int]]) -> None:
+    """The rows of `round_robin_rows` as a table: the ``(key, width)`` label columns, then the timings."""
+    head = " ".join(f"{k:>{w}}" for k, w in labels)
+    print(f"{head} {'median ms':>10} {'p20':>8} {'p80':>8} {'ratio':>7} {'cpu ms':>8} {'cpu ratio':>9}")
+    for r in rows:
+        cols = " ".join(f"{r[k]:>{w}}" for k, w in labels)
+        print(f"{cols} {r['median_ms']:10.2f} {r['p20_ms']:8.2f} {r['p80_ms']:8.2f} {r['ratio']:7.3f} "
+              f"{r['cpu_ms']:8.2f} {r['cpu_ratio']:9.3f}")

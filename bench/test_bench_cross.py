@@ -23,7 +23,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_common import machine, quantile, time_round_robin  # noqa: E402
+from bench_common import machine, print_rows, round_robin_rows  # noqa: E402
 from step_ab import SWITCHES, engine_step  # noqa: E402
 
 from mlfast.ops import cross  # noqa: E402
@@ -57,17 +57,9 @@ def step_step(method: str, seed: int = 0) -> Callable[[], object]:
 
 
 def table(rounds: int, whats: tuple[str, ...] = ("op", "step")) -> list[dict]:
-    rows = []
-    for what in whats:
-        make = op_step if what == "op" else step_step
-        wall, cpu = time_round_robin({m: make(m) for m in METHODS}, rounds)
-        ref, ref_cpu = quantile(wall["reference"], 0.5), quantile(cpu["reference"], 0.5)
-        for m in METHODS:
-            med, med_cpu = quantile(wall[m], 0.5), quantile(cpu[m], 0.5)
-            rows.append({"what": what, "method": m, "median_ms": 1e3 * med, "p20_ms": 1e3 * quantile(wall[m], 0.2),
-                         "p80_ms": 1e3 * quantile(wall[m], 0.8), "ratio": med / ref, "cpu_ms": 1e3 * med_cpu,
-                         "cpu_ratio": med_cpu / ref_cpu, "rounds": rounds, "threads": torch.get_num_threads()})
-    return rows
+    return [row for what in whats
+            for row in round_robin_rows({m: (op_step if what == "op" else step_step)(m) for m in METHODS}, rounds,
+                                        "reference", what=what)]
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -86,10 +78,7 @@ def main() -> None:
     print(f"ms per call, wall median [p20, p80] and process CPU median over {args.rounds} round-robin rounds; "
           f"ratio = median / reference's")
     rows = table(args.rounds, tuple(args.what.split(",")))
-    print(f"{'what':>5} {'method':>10} {'median ms':>10} {'p20':>8} {'p80':>8} {'ratio':>7} {'cpu ms':>8} {'cpu ratio':>9}")
-    for r in rows:
-        print(f"{r['what']:>5} {r['method']:>10} {r['median_ms']:10.2f} {r['p20_ms']:8.2f} {r['p80_ms']:8.2f} "
-              f"{r['ratio']:7.3f} {r['cpu_ms']:8.2f} {r['cpu_ratio']:9.3f}")
+    print_rows(rows, [("what", 5), ("method", 10)])
     if args.json:
         import json
 

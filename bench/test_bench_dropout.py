@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_common import machine, quantile, time_round_robin  # noqa: E402
+from bench_common import machine, print_rows, round_robin_rows  # noqa: E402
 
 from mlfast.models.blocks import MLP  # noqa: E402
 from mlfast.ops import dropout as D  # noqa: E402
@@ -105,28 +105,12 @@ def config() -> dict:
 
 
 def table(rounds: int = 30, precisions: tuple[str, ...] = PRECISIONS) -> list[dict]:
-    rows = []
     groups = (("mask", MASK_METHODS, mask_step, "relu+F.dropout"), ("op", OP_METHODS, op_step, "reference"),
               ("mlp", MLP_METHODS, mlp_step, "reference"))
-    for precision in precisions:
-        for what, methods, make, base in groups:
-            wall, cpu = time_round_robin({m: make(m, precision) for m in methods}, rounds)
-            ref, ref_cpu = quantile(wall[base], 0.5), quantile(cpu[base], 0.5)
-            for m in methods:
-                med, med_cpu = quantile(wall[m], 0.5), quantile(cpu[m], 0.5)
-                rows.append({"what": what, "precision": precision, "method": m, "median_ms": 1e3 * med,
-                             "p20_ms": 1e3 * quantile(wall[m], 0.2), "p80_ms": 1e3 * quantile(wall[m], 0.8),
-                             "ratio": med / ref, "cpu_ms": 1e3 * med_cpu, "cpu_ratio": med_cpu / ref_cpu,
-                             "baseline": base, "rounds": rounds, "threads": torch.get_num_threads()})
-    return rows
+    return [row for precision in precisions for what, methods, make, base in groups
+            for row in round_robin_rows({m: make(m, precision) for m in methods}, rounds, base, what=what,
+                                        precision=precision)]
 
-
-def print_table(rows: list[dict]) -> None:
-    print(f"{'what':>5} {'prec':>5} {'method':>15} {'median ms':>10} {'p20':>8} {'p80':>8} {'ratio':>7} "
-          f"{'cpu ms':>8} {'cpu ratio':>9}")
-    for r in rows:
-        print(f"{r['what']:>5} {r['precision']:>5} {r['method']:>15} {r['median_ms']:10.2f} {r['p20_ms']:8.2f} "
-              f"{r['p80_ms']:8.2f} {r['ratio']:7.3f} {r['cpu_ms']:8.2f} {r['cpu_ratio']:9.3f}")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -164,7 +148,7 @@ def main() -> None:
           f"median over {args.rounds} round-robin rounds; ratio = median / the baseline's median "
           f"(mask: relu+F.dropout, op and mlp: reference)")
     rows = table(args.rounds, tuple(args.precisions.split(",")))
-    print_table(rows)
+    print_rows(rows, [("what", 5), ("precision", 9), ("method", 15)])
     if args.json:
         import json
 

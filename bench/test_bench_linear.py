@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_common import machine, quantile, time_round_robin  # noqa: E402
+from bench_common import machine, print_rows, round_robin_rows  # noqa: E402
 
 from mlfast.ops import linear as lin  # noqa: E402
 
@@ -55,18 +55,9 @@ def case(what: str, method: str, n_in: int, n_out: int, seed: int = 0) -> Callab
 
 
 def table(rounds: int, whats: tuple[str, ...] = WHATS) -> list[dict]:
-    rows = []
-    for n_in, n_out in SHAPES:
-        for what in whats:
-            wall, cpu = time_round_robin({m: case(what, m, n_in, n_out) for m in METHODS}, rounds)
-            ref, ref_cpu = quantile(wall["reference"], 0.5), quantile(cpu["reference"], 0.5)
-            for m in METHODS:
-                med, med_cpu = quantile(wall[m], 0.5), quantile(cpu[m], 0.5)
-                rows.append({"shape": f"[{B}, {n_in}] -> {n_out}", "what": what, "method": m,
-                             "median_ms": 1e3 * med, "p20_ms": 1e3 * quantile(wall[m], 0.2),
-                             "p80_ms": 1e3 * quantile(wall[m], 0.8), "ratio": med / ref, "cpu_ms": 1e3 * med_cpu,
-                             "cpu_ratio": med_cpu / ref_cpu, "rounds": rounds, "threads": torch.get_num_threads()})
-    return rows
+    return [row for n_in, n_out in SHAPES for what in whats
+            for row in round_robin_rows({m: case(what, m, n_in, n_out) for m in METHODS}, rounds, "reference",
+                                        shape=f"[{B}, {n_in}] -> {n_out}", what=what)]
 
 
 @pytest.mark.skipif(not lin.onednn_available(), reason="this torch has no oneDNN matmul op")
@@ -88,11 +79,7 @@ def main() -> None:
     print(f"ms per call, wall median [p20, p80] and process CPU median over {args.rounds} round-robin rounds; "
           f"ratio = median / reference's")
     rows = table(args.rounds, tuple(args.what.split(",")))
-    print(f"{'shape':>20} {'what':>6} {'method':>10} {'median ms':>10} {'p20':>8} {'p80':>8} {'ratio':>7} "
-          f"{'cpu ms':>8} {'cpu ratio':>9}")
-    for r in rows:
-        print(f"{r['shape']:>20} {r['what']:>6} {r['method']:>10} {r['median_ms']:10.2f} {r['p20_ms']:8.2f} "
-              f"{r['p80_ms']:8.2f} {r['ratio']:7.3f} {r['cpu_ms']:8.2f} {r['cpu_ratio']:9.3f}")
+    print_rows(rows, [("shape", 20), ("what", 6), ("method", 10)])
     if args.json:
         import json
 

@@ -367,9 +367,9 @@ class Session:
         The validation split is not predicted again when the run ended on the weights it validated
         last (``trainer.final_valid``): those metrics are the ones it would compute."""
         out = {}
+        fv = trainer.final_valid
         for name in ("valid", "test"):
             loader = self.loaders[name]
-            fv = getattr(trainer, "final_valid", None)
             if loader is None:
                 out[name] = None
             elif name == "valid" and fv is not None and fv[0] is loader:

@@ -58,8 +58,3 @@ def tune_malloc() -> dict | None:
         return None
     _APPLIED = {"mmap_threshold": mmap_threshold, "trim_threshold": TRIM_THRESHOLD, "top_pad": TOP_PAD}
     return _APPLIED
-
-
-def applied() -> dict | None:
-    """The settings `tune_malloc` applied in this process (None if it did not), for result records."""
-    return _APPLIED

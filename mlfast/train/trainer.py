@@ -321,7 +321,7 @@ class MutualTrainer:
             last = self._last_valid
             if last is not None and last[0] == pr.step and all(b == pr.step for b in pr.best_step):
                 # every peer's best is the state validated last, so the weights now are those it scored
-                self.final_valid = (last[1], copy.deepcopy(last[2]))
+                self.final_valid = (last[1], last[2])
         return {
             "steps": pr.step,
             "samples": pr.samples,
